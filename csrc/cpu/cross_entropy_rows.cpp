@@ -1,0 +1,127 @@
+// The fused per-row pass of the chunked linear cross-entropy (math: shared/reference/kernels.md
+// section 1). For each row of a logits chunk it computes the log-sum-exp and the loss, and, when
+// asked, overwrites the row with the gradient of the loss w.r.t. the (pre-softcap) logits:
+//   G = s * [ (1 + 2 z_loss lse) softmax(z') - eps/V - (1-eps) onehot(y) ] * dz'/dz
+// Three sweeps over a row that stays in L2: max and sum (for label smoothing), sum of exp, and the
+// gradient write. exp is recomputed rather than stored, so the row is written once, at the end.
+#include "cross_entropy_rows.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "ptcore/scalar.h"
+
+namespace ptcore {
+namespace {
+
+template <typename A>
+inline A softcap_fn(A z, A cap, A inv_cap) {
+  // cap * tanh(z / cap) from exp so that the loop vectorizes.
+  const A x = z * inv_cap, ax = x < A(0) ? -x : x;
+  const A t = A(1) - A(2) / (fast_exp(A(2) * ax) + A(1));
+  return cap * (x < A(0) ? -t : t);
+}
+
+template <typename T, bool kCap>
+void rows_impl(const CrossEntropyRowsArgs& a, int64_t* first_bad_row) {
+  using A = typename acc<T>::type;
+  const A eps = A(a.label_smoothing), zl = A(a.z_loss), cap = A(a.softcap);
+  const A inv_cap = kCap ? A(1) / cap : A(0);
+  const int64_t V = a.vocab;
+  int64_t bad = std::numeric_limits<int64_t>::max();
+
+#pragma omp parallel for schedule(static) reduction(min : bad) if (a.rows * V > (1 << 16))
+  for (int64_t r = 0; r < a.rows; ++r) {
+    T* row = static_cast<T*>(a.logits) + r * a.row_stride;
+    const int64_t y = a.target[r * a.target_stride];
+    float& loss = a.loss[r * a.loss_stride];
+    float& lse_out = a.lse[r * a.lse_stride];
+    if (y == a.ignore_index) {
+      loss = 0.0f;
+      lse_out = 0.0f;
+      if (a.write_grad) for (int64_t j = 0; j < V; ++j) store(row[j], A(0));
+      continue;
+    }
+    if (y < 0 || y >= V) { bad = std::min(bad, r); continue; }
+
+    auto z_at = [&](int64_t j) -> A {
+      const A z = A(load(row[j]));
+      return kCap ? softcap_fn(z, cap, inv_cap) : z;
+    };
+    A m = -std::numeric_limits<A>::infinity(), sum_z = 0;
+#pragma omp simd reduction(max : m) reduction(+ : sum_z)
+    for (int64_t j = 0; j < V; ++j) {
+      const A z = z_at(j);
+      m = z > m ? z : m;
+      sum_z += z;
+    }
+    if (!std::isfinite(sum_z)) {  // a NaN or inf logit: say so in the result, never hide it
+      const A nan = std::numeric_limits<A>::quiet_NaN();
+      loss = float(nan);
+      lse_out = float(nan);
+      if (a.write_grad) for (int64_t j = 0; j < V; ++j) store(row[j], nan);
+      continue;
+    }
+    A d = 0;
+#pragma omp simd reduction(+ : d)
+    for (int64_t j = 0; j < V; ++j) d += fast_exp(z_at(j) - m);
+    const A lse = m + std::log(d), zy = z_at(y);
+    loss = float((A(1) - eps) * (lse - zy) + eps * (lse - sum_z / A(V)) + zl * lse * lse);
+    lse_out = float(lse);
+    if (!a.write_grad) continue;
+
+    const A s = a.scale ? A(a.scale[r * a.scale_stride]) : A(1);
+    const A p_coef = s * (A(1) + A(2) * zl * lse) / d, uniform = s * eps / A(V);
+    const A onehot = s * (A(1) - eps);
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) {
+      const A z = z_at(j);
+      A g = p_coef * fast_exp(z - m) - uniform - (j == y ? onehot : A(0));
+      if (kCap) g *= A(1) - (z * inv_cap) * (z * inv_cap);
+      store(row[j], g);
+    }
+  }
+  *first_bad_row = bad == std::numeric_limits<int64_t>::max() ? -1 : bad;
+}
+
+template <typename T>
+void rows_dispatch_cap(const CrossEntropyRowsArgs& a, int64_t* bad) {
+  if (a.softcap > 0) rows_impl<T, true>(a, bad);
+  else rows_impl<T, false>(a, bad);
+}
+
+}  // namespace
+
+void cross_entropy_rows(const CrossEntropyRowsArgs& a) {
+  if (a.rows < 0) throw std::invalid_argument("cross_entropy_rows: 'rows' must be >= 0");
+  if (a.vocab <= 0) throw std::invalid_argument("cross_entropy_rows: 'vocab' must be > 0");
+  if (a.row_stride < a.vocab)
+    throw std::invalid_argument("cross_entropy_rows: 'logits' row stride is smaller than the vocab");
+  if (a.rows > 0 && (!a.logits || !a.target || !a.loss || !a.lse))
+    throw std::invalid_argument("cross_entropy_rows: 'logits', 'target', 'loss' and 'lse' must be non-null");
+  if (!(a.label_smoothing >= 0.0 && a.label_smoothing <= 1.0))
+    throw std::invalid_argument("cross_entropy_rows: 'label_smoothing' must lie in [0, 1]");
+  if (!(a.z_loss >= 0.0)) throw std::invalid_argument("cross_entropy_rows: 'z_loss' must be >= 0");
+  if (!(a.softcap >= 0.0)) throw std::invalid_argument("cross_entropy_rows: 'softcap' must be > 0 or 0 (off)");
+  if (a.rows == 0) return;
+
+  int64_t bad = -1;
+  const std::string& dt = a.dtype;
+  if (dt == "float32") rows_dispatch_cap<float>(a, &bad);
+  else if (dt == "bfloat16") rows_dispatch_cap<bf16>(a, &bad);
+  else if (dt == "float16") rows_dispatch_cap<fp16>(a, &bad);
+  else if (dt == "float64") rows_dispatch_cap<double>(a, &bad);
+  else throw std::invalid_argument("cross_entropy_rows: 'logits' dtype '" + dt +
+                                   "' is not one of float32, bfloat16, float16, float64");
+  if (bad >= 0) {
+    const int64_t y = a.target[bad * a.target_stride];
+    throw std::invalid_argument("cross_entropy_rows: 'target' holds " + std::to_string(y) + " at row " +
+                            std::to_string(bad) + ", outside [0, " + std::to_string(a.vocab) +
+                            ") and not ignore_index (" + std::to_string(a.ignore_index) + ")");
+  }
+}
+
+}  // namespace ptcore

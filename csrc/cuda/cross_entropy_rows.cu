@@ -1,0 +1,165 @@
+// CUDA version of the fused per-row cross-entropy pass (same math and contract as
+// csrc/cpu/cross_entropy_rows.cpp; shared/reference/kernels.md section 1). One thread block per
+// row; three sweeps over the row (max and sum, sum of exp, gradient write), fp32 accumulation.
+// An out-of-range target cannot raise from the device without a host sync, so such a row gets a
+// NaN loss and a NaN gradient row: never a silent wrong answer.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "cross_entropy_rows_cuda.h"
+
+namespace ptcore {
+namespace {
+
+constexpr int kThreads = 512;
+
+__device__ inline float to_f(float v) { return v; }
+__device__ inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ inline float to_f(__half v) { return __half2float(v); }
+template <typename T> __device__ inline T from_f(float v);
+template <> __device__ inline float from_f<float>(float v) { return v; }
+template <> __device__ inline __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ inline __half from_f<__half>(float v) { return __float2half(v); }
+
+template <bool kCap>
+__device__ inline float capped(float z, float cap, float inv_cap) {
+  return kCap ? cap * tanhf(z * inv_cap) : z;
+}
+
+// Block-wide reduction of (value, op) through shared memory; every thread gets the result.
+template <bool kMax>
+__device__ inline float block_reduce(float v, float* smem) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = kMax ? fmaxf(v, w) : v + w;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < (blockDim.x >> 5) ? smem[threadIdx.x] : (kMax ? -INFINITY : 0.0f);
+  if (warp == 0) {
+    for (int o = 16; o > 0; o >>= 1) {
+      const float w = __shfl_xor_sync(0xffffffffu, v, o);
+      v = kMax ? fmaxf(v, w) : v + w;
+    }
+    if (lane == 0) smem[0] = v;
+  }
+  __syncthreads();
+  return smem[0];
+}
+
+template <typename T, bool kCap>
+__global__ void __launch_bounds__(kThreads)
+cross_entropy_rows_kernel(T* __restrict__ logits, int64_t vocab, int64_t row_stride,
+                          const int64_t* __restrict__ target, int64_t target_stride,
+                          float* __restrict__ loss, float* __restrict__ lse_out,
+                          const float* __restrict__ scale, int64_t scale_stride,
+                          int64_t ignore_index, float eps, float zl, float cap, bool write_grad) {
+  __shared__ float smem[32];
+  const int64_t r = blockIdx.x;
+  T* row = logits + r * row_stride;
+  const int64_t y = target[r * target_stride];
+  const float inv_cap = kCap ? 1.0f / cap : 0.0f;
+  if (y == ignore_index) {
+    if (threadIdx.x == 0) { loss[r] = 0.0f; lse_out[r] = 0.0f; }
+    if (write_grad) for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) row[j] = from_f<T>(0.0f);
+    return;
+  }
+  if (y < 0 || y >= vocab) {
+    if (threadIdx.x == 0) { loss[r] = NAN; lse_out[r] = NAN; }
+    if (write_grad) for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) row[j] = from_f<T>(NAN);
+    return;
+  }
+  float m = -INFINITY, sum_z = 0.0f;
+  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+    const float z = capped<kCap>(to_f(row[j]), cap, inv_cap);
+    m = fmaxf(m, z);
+    sum_z += z;
+  }
+  m = block_reduce<true>(m, smem);
+  sum_z = block_reduce<false>(sum_z, smem);
+  if (!isfinite(sum_z)) m = NAN;  // NaN or inf logits poison the row's results, as on the CPU
+  float d = 0.0f;
+  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x)
+    d += __expf(capped<kCap>(to_f(row[j]), cap, inv_cap) - m);
+  d = block_reduce<false>(d, smem);
+  const float lse = m + logf(d), zy = capped<kCap>(to_f(row[y]), cap, inv_cap);
+  if (threadIdx.x == 0) {
+    loss[r] = (1.0f - eps) * (lse - zy) + eps * (lse - sum_z / float(vocab)) + zl * lse * lse;
+    lse_out[r] = lse;
+  }
+  if (!write_grad) return;
+  const float s = scale ? scale[r * scale_stride] : 1.0f;
+  const float p_coef = s * (1.0f + 2.0f * zl * lse) / d, uniform = s * eps / float(vocab);
+  const float onehot = s * (1.0f - eps);
+  // Every thread has finished reading the row (the block reductions above synchronize).
+  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+    const float z = capped<kCap>(to_f(row[j]), cap, inv_cap);
+    float g = p_coef * __expf(z - m) - uniform - (j == y ? onehot : 0.0f);
+    if (kCap) g *= 1.0f - (z * inv_cap) * (z * inv_cap);
+    row[j] = from_f<T>(g);
+  }
+}
+
+template <typename T>
+void launch(const CrossEntropyRowsCudaArgs& a, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(a.rows)), block(kThreads);
+  const float eps = float(a.label_smoothing), zl = float(a.z_loss), cap = float(a.softcap);
+  T* logits = static_cast<T*>(a.logits);
+  if (a.softcap > 0)
+    cross_entropy_rows_kernel<T, true><<<grid, block, 0, stream>>>(
+        logits, a.vocab, a.row_stride, a.target, a.target_stride, a.loss, a.lse, a.scale,
+        a.scale_stride, a.ignore_index, eps, zl, cap, a.write_grad);
+  else
+    cross_entropy_rows_kernel<T, false><<<grid, block, 0, stream>>>(
+        logits, a.vocab, a.row_stride, a.target, a.target_stride, a.loss, a.lse, a.scale,
+        a.scale_stride, a.ignore_index, eps, zl, cap, a.write_grad);
+}
+
+}  // namespace
+
+void cross_entropy_rows_cuda(const CrossEntropyRowsCudaArgs& a) {
+  if (a.rows < 0) throw std::invalid_argument("cross_entropy_rows: 'rows' must be >= 0");
+  if (a.rows > 2147483647LL) throw std::invalid_argument("cross_entropy_rows: 'rows' exceeds the grid limit");
+  if (a.vocab <= 0) throw std::invalid_argument("cross_entropy_rows: 'vocab' must be > 0");
+  if (a.row_stride < a.vocab)
+    throw std::invalid_argument("cross_entropy_rows: 'logits' row stride is smaller than the vocab");
+  if (a.rows > 0 && (!a.logits || !a.target || !a.loss || !a.lse))
+    throw std::invalid_argument("cross_entropy_rows: 'logits', 'target', 'loss' and 'lse' must be non-null");
+  if (!(a.label_smoothing >= 0.0 && a.label_smoothing <= 1.0))
+    throw std::invalid_argument("cross_entropy_rows: 'label_smoothing' must lie in [0, 1]");
+  if (!(a.z_loss >= 0.0)) throw std::invalid_argument("cross_entropy_rows: 'z_loss' must be >= 0");
+  if (!(a.softcap >= 0.0)) throw std::invalid_argument("cross_entropy_rows: 'softcap' must be > 0 or 0 (off)");
+  if (a.rows == 0) return;
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
+  const std::string& dt = a.dtype;
+  if (dt == "float32") launch<float>(a, stream);
+  else if (dt == "bfloat16") launch<__nv_bfloat16>(a, stream);
+  else if (dt == "float16") launch<__half>(a, stream);
+  else throw std::invalid_argument("cross_entropy_rows: 'logits' dtype '" + dt +
+                                   "' is not one of float32, bfloat16, float16 on CUDA");
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("cross_entropy_rows: CUDA launch failed: ") + cudaGetErrorString(err));
+}
+
+int cuda_device_count(std::string* why) {
+  int n = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) { *why = cudaGetErrorString(err); return 0; }
+  return n;
+}
+
+int cuda_runtime_version() {
+  int v = 0;
+  cudaRuntimeGetVersion(&v);
+  return v;
+}
+
+}  // namespace ptcore

@@ -1,0 +1,44 @@
+"""How many rows of logits a fused op materializes at once.
+
+The budget is in bytes of one logits chunk, independent of the number of tokens N: that is what
+bounds the fused ops' extra memory. 64 MiB keeps the chunk's GEMMs at the full BLAS rate on the
+CPU (512 rows at V=32768 fp32, measured) while the logits of a whole batch would take GBs.
+Override per process with PTCORE_CHUNK_MB, per block with :func:`chunk_budget`.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+DEFAULT_CHUNK_BYTES = 64 << 20
+_budget: contextvars.ContextVar[int | None] = contextvars.ContextVar("ptcore_chunk_bytes", default=None)
+
+
+@contextlib.contextmanager
+def chunk_budget(nbytes: int):
+    """Use at most ``nbytes`` for one logits chunk inside this block (at least one row)."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+        raise ValueError(f"chunk_budget: 'nbytes' must be a positive int, got {nbytes!r}")
+    token = _budget.set(nbytes)
+    try:
+        yield
+    finally:
+        _budget.reset(token)
+
+
+def budget_bytes() -> int:
+    nbytes = _budget.get()
+    if nbytes is None:
+        env = os.environ.get("PTCORE_CHUNK_MB")
+        try:
+            nbytes = int(float(env) * (1 << 20)) if env else DEFAULT_CHUNK_BYTES
+        except ValueError:
+            raise ValueError(f"PTCORE_CHUNK_MB must be a number of MiB, got {env!r}") from None
+    return max(1, nbytes)
+
+
+def chunk_rows(n_rows: int, vocab: int, itemsize: int) -> int:
+    """Rows per chunk for ``n_rows`` rows of ``vocab`` logits of ``itemsize`` bytes."""
+    rows = budget_bytes() // max(1, vocab * itemsize)
+    return int(max(1, min(max(n_rows, 1), rows)))

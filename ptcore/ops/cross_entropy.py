@@ -1,0 +1,262 @@
+"""Fused linear cross-entropy: ``cross_entropy(softcap(input @ weight.T + bias), target)`` plus
+``z_loss * lse^2``, without ever materializing the ``[N, V]`` logits.
+
+Design (shared/reference/kernels.md section 1, family 1, "token chunks, gradient in the forward"):
+per chunk of rows, one GEMM for the chunk's logits, one fused per-row pass (the backend's kernel)
+that computes the loss and writes the gradient in place over the logits, then the two gradient
+GEMMs. GEMMs stay in the vendor BLAS, which is what bounds this op on a CPU. For ``mean``/``sum``
+the backward only scales the stored gradients by ``grad_output`` (6NHV FLOPs in all); for
+``none`` the per-row ``grad_output`` is only known in backward, so the backward recomputes the
+logits chunk by chunk (8NHV in all). ``grad_weight`` accumulates in fp32 (fp64 for fp64 inputs).
+
+Deviation from ``F.cross_entropy``: when every row is ignored (or N = 0), ``mean`` returns 0 with
+zero gradients instead of NaN.
+"""
+from typing import Optional
+
+import torch
+
+from ptcore.ops import checks, chunking, dispatch
+from ptcore.ops.rows import CROSS_ENTROPY_ROWS
+
+OP = "linear_cross_entropy"
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _add_weight_grad(gw: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
+    """gw (fp32/fp64) += g.T @ x for a chunk; low-precision products are summed in gw's dtype."""
+    if g.dtype == gw.dtype:
+        gw.addmm_(g.t(), x)
+    elif g.is_cuda:
+        gw.add_(torch.mm(g.t(), x, out_dtype=gw.dtype))
+    else:
+        gw.add_(torch.mm(g.t(), x))
+
+
+def _chunked(x, w, t, b, *, ignore_index, label_smoothing, z_loss, softcap, backend, chunk, scale,
+             need_gx, need_gw, need_gb):
+    """The chunk loop. Returns (loss_rows fp32 [N], lse fp32 [N], gx, gw, gb); gradients are
+    ``scale * dloss_i/d...`` summed over rows, or empty tensors where not needed."""
+    N, H = x.shape
+    V = w.shape[0]
+    acc = _acc_dtype(x.dtype)
+    loss = torch.zeros(N, dtype=torch.float32, device=x.device)
+    lse = torch.zeros(N, dtype=torch.float32, device=x.device)
+    # Distinct empty tensors where a gradient is not needed: custom-op outputs may not alias.
+    gx = torch.zeros(N, H, dtype=x.dtype, device=x.device) if need_gx else x.new_empty(0)
+    gw = torch.zeros(V, H, dtype=acc, device=x.device) if need_gw else x.new_empty(0)
+    gb = torch.zeros(V, dtype=acc, device=x.device) if need_gb else x.new_empty(0)
+    if N == 0:
+        return loss, lse, gx, gw, gb
+
+    if x.device.type == "cpu":
+        # Ignored rows (prompt, padding) cost no GEMM work: run on the valid rows only. A host
+        # decision, so CPU only (on CUDA it would synchronize).
+        valid = t != ignore_index
+        idx = valid.nonzero().squeeze(1)
+        if 0 < idx.numel() < N:
+            per_row_scale = scale is not None and scale.numel() > 1
+            sub = _chunked(x.index_select(0, idx), w, t.index_select(0, idx), b,
+                           ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                           softcap=softcap, backend=backend, chunk=chunk,
+                           scale=scale.index_select(0, idx) if per_row_scale else scale,
+                           need_gx=need_gx, need_gw=need_gw, need_gb=need_gb)
+            loss[idx], lse[idx] = sub[0], sub[1]
+            if need_gx:
+                gx.index_copy_(0, idx, sub[2])
+            return loss, lse, gx, sub[3], sub[4]
+        if idx.numel() == 0:
+            return loss, lse, gx, gw, gb
+
+    rows = CROSS_ENTROPY_ROWS[backend]
+    write_grad = need_gx or need_gw or need_gb
+    buf = torch.empty(min(chunk, N), V, dtype=x.dtype, device=x.device)
+    wt = w.t()
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        xc, z = x[s:e], buf[: e - s]
+        if b is None:
+            torch.mm(xc, wt, out=z)
+        else:
+            torch.addmm(b, xc, wt, out=z)
+        sc = scale[s:e] if scale is not None and scale.numel() > 1 else scale
+        rows(z, t[s:e], loss[s:e], lse[s:e], sc, ignore_index=ignore_index,
+             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, write_grad=write_grad)
+        if need_gx:
+            torch.mm(z, w, out=gx[s:e])
+        if need_gw:
+            _add_weight_grad(gw, z, xc)
+        if need_gb:
+            gb.add_(z.sum(0, dtype=acc))
+    return loss, lse, gx, gw, gb
+
+
+# ---- torch custom ops: opaque to torch.compile, with fake (meta) implementations and autograd ----
+
+@torch.library.custom_op("ptcore::linear_cross_entropy", mutates_args=())
+def _lce_fwd(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+             bias: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
+             softcap: float, reduction: str, backend: str, chunk: int, need_gx: bool,
+             need_gw: bool, need_gb: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    torch.Tensor, torch.Tensor]:
+    """Returns (loss, lse, grad_input, grad_weight, grad_bias); the gradients are those of the
+    reduced loss with grad_output = 1 (empty for ``none``, whose backward recomputes)."""
+    checks.targets_in_range(OP, target, weight.shape[0], ignore_index)
+    acc = _acc_dtype(input.dtype)
+    scale = None
+    if reduction == "mean":
+        n_valid = (target != ignore_index).sum().clamp(min=1)
+        scale = (1.0 / n_valid.to(acc)).to(torch.float32).reshape(1)
+    grads = reduction != "none"
+    loss_rows, lse, gx, gw, gb = _chunked(
+        input, weight, target, bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, backend=backend, chunk=chunk, scale=scale,
+        need_gx=grads and need_gx, need_gw=grads and need_gw, need_gb=grads and need_gb)
+    if reduction == "none":
+        loss = loss_rows.to(input.dtype)
+    else:
+        total = loss_rows.to(acc).sum()
+        loss = (total * scale.to(acc).squeeze(0) if reduction == "mean" else total).to(input.dtype)
+    return loss, lse, gx, gw, gb
+
+
+@_lce_fwd.register_fake
+def _(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, reduction,
+      backend, chunk, need_gx, need_gw, need_gb):
+    N, H = input.shape
+    V = weight.shape[0]
+    acc = _acc_dtype(input.dtype)
+    grads = reduction != "none"
+    loss = input.new_empty(N) if reduction == "none" else input.new_empty(())
+    lse = input.new_empty(N, dtype=torch.float32)
+    gx = input.new_empty(N, H) if grads and need_gx else input.new_empty(0)
+    gw = input.new_empty(V, H, dtype=acc) if grads and need_gw else input.new_empty(0)
+    gb = input.new_empty(V, dtype=acc) if grads and need_gb else input.new_empty(0)
+    return loss, lse, gx, gw, gb
+
+
+@torch.library.custom_op("ptcore::linear_cross_entropy_backward", mutates_args=())
+def _lce_bwd(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+             bias: Optional[torch.Tensor], grad_loss: torch.Tensor, ignore_index: int,
+             label_smoothing: float, z_loss: float, softcap: float, backend: str, chunk: int,
+             need_gx: bool, need_gw: bool, need_gb: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor]:
+    """Gradients for reduction='none' with per-row grad_loss: recomputes the logits by chunks."""
+    _, _, gx, gw, gb = _chunked(
+        input, weight, target, bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, backend=backend, chunk=chunk,
+        scale=grad_loss.to(torch.float32).contiguous(), need_gx=need_gx, need_gw=need_gw,
+        need_gb=need_gb)
+    return gx, gw, gb
+
+
+@_lce_bwd.register_fake
+def _(input, weight, target, bias, grad_loss, ignore_index, label_smoothing, z_loss, softcap,
+      backend, chunk, need_gx, need_gw, need_gb):
+    N, H = input.shape
+    V = weight.shape[0]
+    acc = _acc_dtype(input.dtype)
+    return (input.new_empty(N, H) if need_gx else input.new_empty(0),
+            input.new_empty(V, H, dtype=acc) if need_gw else input.new_empty(0),
+            input.new_empty(V, dtype=acc) if need_gb else input.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, w, t, b, ignore_index, ls, zl, cap, reduction, backend, chunk, need_gx, need_gw, need_gb) = inputs
+    ctx.reduction = reduction
+    ctx.need = (need_gx, need_gw, need_gb)
+    ctx.options = (ignore_index, ls, zl, cap, backend, chunk)
+    ctx.mark_non_differentiable(*output[1:])
+    if reduction == "none":
+        ctx.save_for_backward(x, w, t, b)
+    else:
+        ctx.save_for_backward(*output[2:])
+
+
+def _backward(ctx, grad_loss, *_):
+    need_gx, need_gw, need_gb = ctx.need
+    if ctx.reduction == "none":
+        x, w, t, b = ctx.saved_tensors
+        gx, gw, gb = _lce_bwd(x, w, t, b, grad_loss, *ctx.options, need_gx, need_gw, need_gb)
+    else:
+        gx, gw, gb = ctx.saved_tensors
+        # One scaling pass instead of a host check for grad_output == 1 (no sync).
+        gx = gx * grad_loss.to(gx.dtype) if need_gx else None
+        gw = gw * grad_loss.to(gw.dtype) if need_gw else None
+        gb = gb * grad_loss.to(gb.dtype) if need_gb else None
+    return (gx if need_gx else None, gw if need_gw else None, None, gb if need_gb else None,
+            None, None, None, None, None, None, None, None, None, None)
+
+
+_lce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API ----
+
+def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100,
+                         label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         softcap: float | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``softcap(input @ weight.T + bias)`` against ``target``, plus
+    ``z_loss * logsumexp^2``, without materializing the logits.
+
+    Args:
+        input: ``(..., H)`` hidden states, float32 / bfloat16 / float16 / float64.
+        weight: ``(V, H)`` LM-head weight, same dtype and device as ``input``.
+        target: ``(...)`` int64 class indices in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``(V,)``.
+        ignore_index: target value whose rows add nothing (loss 0, zero gradients).
+        label_smoothing: in ``[0, 1]``, PyTorch's definition.
+        z_loss: coefficient of the PaLM z-loss ``lse^2`` (>= 0).
+        softcap: Gemma-2 logit soft-capping ``c * tanh(z / c)``; None disables it.
+        reduction: ``"mean"`` (over non-ignored rows), ``"sum"`` or ``"none"`` (shape of target).
+
+    Returns the loss in ``input``'s dtype (computed in fp32). When no row is valid, ``mean`` gives
+    0 rather than ``F.cross_entropy``'s NaN. On CUDA an out-of-range target yields NaN (raising
+    would need a host sync); on the CPU it raises ValueError.
+
+    Example:
+        >>> x = torch.randn(8, 64, requires_grad=True); w = torch.randn(1000, 64, requires_grad=True)
+        >>> y = torch.randint(0, 1000, (8,))
+        >>> linear_cross_entropy(x, w, y).backward()
+    """
+    checks.tensor(OP, "input", input, min_ndim=1, dtypes=checks.FLOAT_DTYPES)
+    checks.tensor(OP, "weight", weight, ndim=2)
+    checks.tensor(OP, "target", target, dtypes=(torch.int64,))
+    checks.same_device(OP, "input", input, weight=weight, target=target, bias=bias)
+    if weight.dtype != input.dtype:
+        raise TypeError(f"{OP}: 'weight' has dtype {weight.dtype} but 'input' has {input.dtype}; "
+                        "cast one (under autocast, cast the weight to the activations' dtype)")
+    H = input.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(f"{OP}: 'weight' must be (V, {H}) to match input's last dim {H}, got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{OP}: 'weight' has V = 0 classes")
+    if target.shape != input.shape[:-1]:
+        raise ValueError(f"{OP}: 'target' must have shape {tuple(input.shape[:-1])} (input without its "
+                         f"last dim), got {tuple(target.shape)}")
+    if bias is not None:
+        checks.tensor(OP, "bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{OP}: 'bias' must have length V = {weight.shape[0]}, got {bias.shape[0]}")
+        if bias.dtype != input.dtype:
+            raise TypeError(f"{OP}: 'bias' has dtype {bias.dtype} but 'input' has {input.dtype}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{OP}: 'ignore_index' must be an int, got {type(ignore_index).__name__}")
+    ls = checks.number(OP, "label_smoothing", label_smoothing, low=0.0, high=1.0)
+    zl = checks.number(OP, "z_loss", z_loss, low=0.0)
+    cap = 0.0 if softcap is None else checks.number(OP, "softcap", softcap, low=0.0, low_open=True)
+    checks.choice(OP, "reduction", reduction, REDUCTIONS)
+
+    backend = dispatch.resolve(input.device, input.dtype)
+    x = input.reshape(-1, H)
+    t = target.reshape(-1)
+    chunk = chunking.chunk_rows(x.shape[0], weight.shape[0], input.element_size())
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and p is not None and p.requires_grad for p in (input, weight, bias)]
+    loss = _lce_fwd(x, weight, t, bias, ignore_index, ls, zl, cap, reduction, backend, chunk, *need)[0]
+    return loss.reshape(target.shape) if reduction == "none" else loss

@@ -1,0 +1,50 @@
+"""Builds ptcore's compiled modules through csrc/build.py (ninja; pybind11; no torch headers).
+
+``_C`` always; ``_cuda`` when a CUDA toolkit is found (PTCORE_CUDA=1 forces it, PTCORE_CUDA=0
+skips it). Metadata lives in pyproject.toml.
+"""
+import importlib.util
+import shutil
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _load_builder():
+    spec = importlib.util.spec_from_file_location("ptcore_csrc_build", ROOT / "csrc" / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class NinjaBuildExt(build_ext):
+    """Compiles every module in one ninja run, then copies each where setuptools expects it."""
+
+    def run(self):
+        builder = _load_builder()
+        built = builder.build(Path(self.build_temp) / "ptcore-ninja", cuda=None, verbose=True)
+        for ext in self.extensions:
+            name = ext.name.split(".")[-1]
+            if name not in built:
+                continue
+            dest = Path(self.get_ext_fullpath(ext.name))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(built[name], dest)
+
+
+def _extensions():
+    exts = [Extension("ptcore._C", sources=[])]
+    if _load_builder().want_cuda()[0]:
+        exts.append(Extension("ptcore._cuda", sources=[]))
+    return exts
+
+
+setup(
+    packages=["ptcore", "ptcore.ops", "ptcore.nn", "ptcore.kernels"],
+    package_dir={"ptcore": "ptcore", "ptcore.kernels": "kernels"},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": NinjaBuildExt},
+)
