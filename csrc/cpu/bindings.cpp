@@ -24,9 +24,9 @@ void cross_entropy_rows_py(uintptr_t logits, const std::string& dtype, int64_t r
   a.row_stride = row_stride;
   a.target = as_ptr<const int64_t>(target);
   a.target_stride = target_stride;
-  a.loss = as_ptr<float>(loss);
-  a.lse = as_ptr<float>(lse);
-  a.scale = as_ptr<const float>(scale);
+  a.loss = as_ptr<void>(loss);
+  a.lse = as_ptr<void>(lse);
+  a.scale = as_ptr<const void>(scale);
   a.scale_stride = scale_stride;
   a.ignore_index = ignore_index;
   a.label_smoothing = label_smoothing;

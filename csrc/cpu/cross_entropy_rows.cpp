@@ -37,11 +37,11 @@ void rows_impl(const CrossEntropyRowsArgs& a, int64_t* first_bad_row) {
   for (int64_t r = 0; r < a.rows; ++r) {
     T* row = static_cast<T*>(a.logits) + r * a.row_stride;
     const int64_t y = a.target[r * a.target_stride];
-    float& loss = a.loss[r * a.loss_stride];
-    float& lse_out = a.lse[r * a.lse_stride];
+    A& loss = static_cast<A*>(a.loss)[r * a.loss_stride];
+    A& lse_out = static_cast<A*>(a.lse)[r * a.lse_stride];
     if (y == a.ignore_index) {
-      loss = 0.0f;
-      lse_out = 0.0f;
+      loss = 0;
+      lse_out = 0;
       if (a.write_grad) for (int64_t j = 0; j < V; ++j) store(row[j], A(0));
       continue;
     }
@@ -60,8 +60,8 @@ void rows_impl(const CrossEntropyRowsArgs& a, int64_t* first_bad_row) {
     }
     if (!std::isfinite(sum_z)) {  // a NaN or inf logit: say so in the result, never hide it
       const A nan = std::numeric_limits<A>::quiet_NaN();
-      loss = float(nan);
-      lse_out = float(nan);
+      loss = nan;
+      lse_out = nan;
       if (a.write_grad) for (int64_t j = 0; j < V; ++j) store(row[j], nan);
       continue;
     }
@@ -69,11 +69,11 @@ void rows_impl(const CrossEntropyRowsArgs& a, int64_t* first_bad_row) {
 #pragma omp simd reduction(+ : d)
     for (int64_t j = 0; j < V; ++j) d += fast_exp(z_at(j) - m);
     const A lse = m + std::log(d), zy = z_at(y);
-    loss = float((A(1) - eps) * (lse - zy) + eps * (lse - sum_z / A(V)) + zl * lse * lse);
-    lse_out = float(lse);
+    loss = (A(1) - eps) * (lse - zy) + eps * (lse - sum_z / A(V)) + zl * lse * lse;
+    lse_out = lse;
     if (!a.write_grad) continue;
 
-    const A s = a.scale ? A(a.scale[r * a.scale_stride]) : A(1);
+    const A s = a.scale ? static_cast<const A*>(a.scale)[r * a.scale_stride] : A(1);
     const A p_coef = s * (A(1) + A(2) * zl * lse) / d, uniform = s * eps / A(V);
     const A onehot = s * (A(1) - eps);
 #pragma omp simd

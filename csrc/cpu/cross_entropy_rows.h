@@ -12,11 +12,12 @@ struct CrossEntropyRowsArgs {
   int64_t rows = 0, vocab = 0, row_stride = 0;
   const int64_t* target = nullptr;
   int64_t target_stride = 1;
-  float* loss = nullptr;    // [rows] per-row loss (0 for ignored rows)
+  // loss, lse and scale hold the accumulation type: float64 for float64 logits, else float32.
+  void* loss = nullptr;     // [rows] per-row loss (0 for ignored rows)
   int64_t loss_stride = 1;
-  float* lse = nullptr;     // [rows] log-sum-exp of the soft-capped logits (0 for ignored rows)
+  void* lse = nullptr;      // [rows] log-sum-exp of the soft-capped logits (0 for ignored rows)
   int64_t lse_stride = 1;
-  const float* scale = nullptr;  // optional per-row gradient scale s_i; null means 1
+  const void* scale = nullptr;  // optional per-row gradient scale s_i; null means 1
   int64_t scale_stride = 1;
   int64_t ignore_index = -100;
   double label_smoothing = 0.0, z_loss = 0.0, softcap = 0.0;  // softcap 0 = off

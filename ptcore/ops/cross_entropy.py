@@ -27,31 +27,39 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _add_weight_grad(gw: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
-    """gw (fp32/fp64) += g.T @ x for a chunk; low-precision products are summed in gw's dtype."""
+def _add_weight_grad(gw: torch.Tensor, g: torch.Tensor, x: torch.Tensor, first: bool) -> None:
+    """gw (fp32/fp64) += g.T @ x for a chunk (``first``: gw = g.T @ x, sparing a zero fill and a
+    read of gw); low-precision products are summed in gw's dtype."""
     if g.dtype == gw.dtype:
-        gw.addmm_(g.t(), x)
+        if first:
+            torch.mm(g.t(), x, out=gw)
+        else:
+            gw.addmm_(g.t(), x)
     elif g.is_cuda:
-        gw.add_(torch.mm(g.t(), x, out_dtype=gw.dtype))
+        prod = torch.mm(g.t(), x, out_dtype=gw.dtype)
+        gw.copy_(prod) if first else gw.add_(prod)
     else:
-        gw.add_(torch.mm(g.t(), x))
+        prod = torch.mm(g.t(), x)
+        gw.copy_(prod) if first else gw.add_(prod)
 
 
 def _chunked(x, w, t, b, *, ignore_index, label_smoothing, z_loss, softcap, backend, chunk, scale,
              need_gx, need_gw, need_gb):
-    """The chunk loop. Returns (loss_rows fp32 [N], lse fp32 [N], gx, gw, gb); gradients are
+    """The chunk loop. Returns (loss_rows [N], lse [N], gx, gw, gb), loss and lse in the
+    accumulation dtype (fp32, or fp64 for fp64 inputs); gradients are
     ``scale * dloss_i/d...`` summed over rows, or empty tensors where not needed."""
     N, H = x.shape
     V = w.shape[0]
     acc = _acc_dtype(x.dtype)
-    loss = torch.zeros(N, dtype=torch.float32, device=x.device)
-    lse = torch.zeros(N, dtype=torch.float32, device=x.device)
+    loss = torch.zeros(N, dtype=acc, device=x.device)
+    lse = torch.zeros(N, dtype=acc, device=x.device)
     # Distinct empty tensors where a gradient is not needed: custom-op outputs may not alias.
-    gx = torch.zeros(N, H, dtype=x.dtype, device=x.device) if need_gx else x.new_empty(0)
-    gw = torch.zeros(V, H, dtype=acc, device=x.device) if need_gw else x.new_empty(0)
+    # Every row of gx and gw is written by a GEMM below (or zero-filled when no row is valid).
+    gx = torch.empty(N, H, dtype=x.dtype, device=x.device) if need_gx else x.new_empty(0)
+    gw = torch.empty(V, H, dtype=acc, device=x.device) if need_gw else x.new_empty(0)
     gb = torch.zeros(V, dtype=acc, device=x.device) if need_gb else x.new_empty(0)
     if N == 0:
-        return loss, lse, gx, gw, gb
+        return loss, lse, gx.zero_(), gw.zero_(), gb
 
     if x.device.type == "cpu":
         # Ignored rows (prompt, padding) cost no GEMM work: run on the valid rows only. A host
@@ -67,10 +75,10 @@ def _chunked(x, w, t, b, *, ignore_index, label_smoothing, z_loss, softcap, back
                            need_gx=need_gx, need_gw=need_gw, need_gb=need_gb)
             loss[idx], lse[idx] = sub[0], sub[1]
             if need_gx:
-                gx.index_copy_(0, idx, sub[2])
+                gx.zero_().index_copy_(0, idx, sub[2])
             return loss, lse, gx, sub[3], sub[4]
         if idx.numel() == 0:
-            return loss, lse, gx, gw, gb
+            return loss, lse, gx.zero_(), gw.zero_(), gb
 
     rows = CROSS_ENTROPY_ROWS[backend]
     write_grad = need_gx or need_gw or need_gb
@@ -89,7 +97,7 @@ def _chunked(x, w, t, b, *, ignore_index, label_smoothing, z_loss, softcap, back
         if need_gx:
             torch.mm(z, w, out=gx[s:e])
         if need_gw:
-            _add_weight_grad(gw, z, xc)
+            _add_weight_grad(gw, z, xc, first=s == 0)
         if need_gb:
             gb.add_(z.sum(0, dtype=acc))
     return loss, lse, gx, gw, gb
@@ -110,7 +118,7 @@ def _lce_fwd(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     scale = None
     if reduction == "mean":
         n_valid = (target != ignore_index).sum().clamp(min=1)
-        scale = (1.0 / n_valid.to(acc)).to(torch.float32).reshape(1)
+        scale = (1.0 / n_valid.to(acc)).reshape(1)
     grads = reduction != "none"
     loss_rows, lse, gx, gw, gb = _chunked(
         input, weight, target, bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
@@ -119,9 +127,9 @@ def _lce_fwd(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     if reduction == "none":
         loss = loss_rows.to(input.dtype)
     else:
-        total = loss_rows.to(acc).sum()
-        loss = (total * scale.to(acc).squeeze(0) if reduction == "mean" else total).to(input.dtype)
-    return loss, lse, gx, gw, gb
+        total = loss_rows.sum()
+        loss = (total * scale.squeeze(0) if reduction == "mean" else total).to(input.dtype)
+    return loss, lse.float(), gx, gw, gb
 
 
 @_lce_fwd.register_fake
@@ -149,7 +157,7 @@ def _lce_bwd(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     _, _, gx, gw, gb = _chunked(
         input, weight, target, bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
         z_loss=z_loss, softcap=softcap, backend=backend, chunk=chunk,
-        scale=grad_loss.to(torch.float32).contiguous(), need_gx=need_gx, need_gw=need_gw,
+        scale=grad_loss.to(_acc_dtype(input.dtype)).contiguous(), need_gx=need_gx, need_gw=need_gw,
         need_gb=need_gb)
     return gx, gw, gb
 
@@ -171,31 +179,51 @@ def _setup_context(ctx, inputs, output):
     ctx.need = (need_gx, need_gw, need_gb)
     ctx.options = (ignore_index, ls, zl, cap, backend, chunk)
     ctx.mark_non_differentiable(*output[1:])
-    if reduction == "none":
-        ctx.save_for_backward(x, w, t, b)
-    else:
-        ctx.save_for_backward(*output[2:])
+    ctx.save_for_backward(x, w, t, b)  # alive anyway while the graph is
+    # The gradients computed in the forward (mean/sum) are held as a plain attribute, not saved
+    # tensors: the first backward scales them in place and hands them on, which the saved-tensor
+    # version check would reject; it drops them, so a second backward recomputes.
+    ctx.stored = output[2:] if reduction != "none" else None
 
 
 def _backward(ctx, grad_loss, *_):
     need_gx, need_gw, need_gb = ctx.need
+    if ctx.stored is not None:
+        # The common case: scale the gradients computed in the forward, in place (no second V x H
+        # buffer) and by a tensor (no host check of grad_output == 1).
+        stored, ctx.stored = ctx.stored, None
+        gx, gw, gb = (g.mul_(grad_loss.to(g.dtype)) if need else None
+                      for g, need in zip(stored, ctx.need))
+        return (gx, gw, None, gb) + (None,) * 10
+    x, w, t, b = ctx.saved_tensors
     if ctx.reduction == "none":
-        x, w, t, b = ctx.saved_tensors
-        gx, gw, gb = _lce_bwd(x, w, t, b, grad_loss, *ctx.options, need_gx, need_gw, need_gb)
-    else:
-        gx, gw, gb = ctx.saved_tensors
-        # One scaling pass instead of a host check for grad_output == 1 (no sync).
-        gx = gx * grad_loss.to(gx.dtype) if need_gx else None
-        gw = gw * grad_loss.to(gw.dtype) if need_gw else None
-        gb = gb * grad_loss.to(gb.dtype) if need_gb else None
-    return (gx if need_gx else None, gw if need_gw else None, None, gb if need_gb else None,
-            None, None, None, None, None, None, None, None, None, None)
+        row_grad = grad_loss
+    else:  # a second backward through this graph (retain_graph): recompute instead
+        ignore_index = ctx.options[0]
+        n = (t != ignore_index).sum().clamp(min=1) if ctx.reduction == "mean" else 1
+        row_grad = (grad_loss / n).reshape(1)
+    gx, gw, gb = _lce_bwd(x, w, t, b, row_grad, *ctx.options, need_gx, need_gw, need_gb)
+    return (gx if need_gx else None, gw if need_gw else None, None,
+            gb if need_gb else None) + (None,) * 10
 
 
 _lce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- public API ----
+
+# Under torch.compile these run once at trace time and their results are baked into the graph
+# (no graph break): a backend or chunk budget changed later applies to new compilations.
+@torch.compiler.assume_constant_result
+def _resolve(device: torch.device, dtype: torch.dtype) -> str:
+    return dispatch.resolve(device, dtype)
+
+
+@torch.compiler.assume_constant_result
+def _chunk_rows(vocab: int, itemsize: int) -> int:
+    """Rows per chunk; capped by N inside the op (keeps N out of a traced constant)."""
+    return chunking.chunk_rows(1 << 62, vocab, itemsize)
+
 
 def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
                          bias: torch.Tensor | None = None, ignore_index: int = -100,
@@ -252,10 +280,10 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     cap = 0.0 if softcap is None else checks.number(OP, "softcap", softcap, low=0.0, low_open=True)
     checks.choice(OP, "reduction", reduction, REDUCTIONS)
 
-    backend = dispatch.resolve(input.device, input.dtype)
+    backend = _resolve(input.device, input.dtype)
     x = input.reshape(-1, H)
     t = target.reshape(-1)
-    chunk = chunking.chunk_rows(x.shape[0], weight.shape[0], input.element_size())
+    chunk = _chunk_rows(weight.shape[0], input.element_size())
     grad_on = torch.is_grad_enabled()
     need = [grad_on and p is not None and p.requires_grad for p in (input, weight, bias)]
     loss = _lce_fwd(x, weight, t, bias, ignore_index, ls, zl, cap, reduction, backend, chunk, *need)[0]

@@ -1,8 +1,9 @@
 """The per-row cross-entropy pass on each backend (math: shared/reference/kernels.md section 1).
 
 Contract, the same for every backend: ``logits`` is a ``[n, V]`` chunk with unit column stride;
-``target`` ``[n]`` int64; ``loss`` and ``lse`` ``[n]`` float32 outputs; ``scale`` None or a float32
-tensor broadcast over rows (``[1]``) or per row (``[n]``). Each row gets its log-sum-exp and loss
+``target`` ``[n]`` int64; ``loss`` and ``lse`` ``[n]`` outputs and ``scale`` (None, or broadcast
+over rows as ``[1]``, or per row ``[n]``) in the accumulation dtype: float64 for float64 logits,
+else float32. Each row gets its log-sum-exp and loss
 (0 and 0 for ignored rows), and with ``write_grad`` the row of ``logits`` is overwritten by
 ``scale * dloss/dlogits`` (the softcap chain rule included; zeros for ignored rows).
 """

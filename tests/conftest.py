@@ -1,0 +1,29 @@
+"""Test set-up: Triton runs in its CPU interpreter (set before ptcore.kernels is imported), and
+the header says which backends this run exercises and why others are skipped."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ptcore.ops import dispatch  # noqa: E402
+
+
+def pytest_report_header(config):
+    return ["ptcore backends: " + ", ".join(
+        f"{b}={'yes' if why is None else 'no (' + why + ')'}" for b, why in dispatch.status().items())]
+
+
+def cpu_backends():
+    """Backends that run on CPU tensors here; a missing one is a printed skip, never silent."""
+    out = []
+    for b in ("torch", "cpu", "triton"):
+        why = dispatch.cannot_run(b, torch.device("cpu"), torch.float32)
+        out.append(pytest.param(b, marks=pytest.mark.skip(reason=f"backend {b}: {why}")) if why else b)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

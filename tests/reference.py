@@ -1,0 +1,31 @@
+"""The float64 oracle for the fused losses: full logits in plain PyTorch (fine at test sizes),
+written from shared/reference/kernels.md section 1 independently of ptcore's code."""
+import torch
+import torch.nn.functional as F
+
+
+def linear_cross_entropy_ref(x, w, t, *, bias=None, ignore_index=-100, label_smoothing=0.0,
+                             z_loss=0.0, softcap=None, reduction="mean"):
+    """Same dtype as the inputs (call with float64 copies for the oracle, low precision for the
+    naive baseline of the bf16 criterion)."""
+    z = F.linear(x, w, bias)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z2, t2 = z.reshape(-1, z.shape[-1]), t.reshape(-1)
+    loss = F.cross_entropy(z2, t2, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           reduction="none")
+    valid = t2 != ignore_index
+    if z_loss:
+        lse = torch.logsumexp(z2.float() if z2.dtype in (torch.bfloat16, torch.float16) else z2, -1)
+        loss = loss + (z_loss * torch.where(valid, lse * lse, torch.zeros_like(lse))).to(loss.dtype)
+    if reduction == "none":
+        return loss.reshape(t.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / valid.sum().clamp(min=1)
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double(), ref.detach().double()
+    denom = ref.norm()
+    return float((out - ref).norm() / (denom if denom > 0 else 1.0))

@@ -1,0 +1,284 @@
+"""ptcore.ops.linear_cross_entropy on every backend here against the float64 oracle
+(tolerance rules: shared/reference/kernels.md section 2)."""
+import pytest
+import torch
+
+import ptcore
+from ptcore.ops import linear_cross_entropy
+from tests.conftest import cpu_backends
+from tests.reference import linear_cross_entropy_ref, rel_err
+
+BACKENDS = cpu_backends()
+FP32_TOL = 1e-5  # "far below 1e-4": fp32 math with fp32 accumulation lands at 1e-7..3e-6
+
+
+def make_inputs(N, H, V, *, dtype=torch.float32, bias=False, ignore_frac=0.2, ignore_index=-100,
+                scale=1.0, lead=None):
+    shape = lead if lead is not None else (N,)
+    x = torch.randn(*shape, H, dtype=torch.float64)
+    w = torch.randn(V, H, dtype=torch.float64) * (scale / H ** 0.5)
+    b = torch.randn(V, dtype=torch.float64) * 0.1 if bias else None
+    t = torch.randint(0, V, shape)
+    if t.numel():
+        t[torch.rand(shape) < ignore_frac] = ignore_index
+        flat = t.reshape(-1)
+        logits = x.reshape(-1, H) @ w.T
+        flat[0] = int(logits[0].argmax())            # a row whose target is the argmax
+        if flat.numel() > 1:
+            flat[-1] = int(logits[-1].argmin())      # and one whose target is the argmin
+    cast = lambda a: None if a is None else a.to(dtype)
+    return cast(x), cast(w), t, cast(b)
+
+
+def run_op(backend, x, w, t, b, grad_seed=0, **opts):
+    """Forward + backward with a random incoming gradient; returns (loss, grads, incoming grad)."""
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    b = None if b is None else b.detach().clone().requires_grad_()
+    with ptcore.use_backend(backend):
+        loss = linear_cross_entropy(x, w, t, bias=b, **opts)
+    g = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    params = [p for p in (x, w, b) if p is not None]
+    grads = torch.autograd.grad(loss, params, g.to(loss.dtype)) if loss.numel() else [torch.zeros_like(p) for p in params]
+    return loss, grads, g
+
+
+def run_ref(x, w, t, b, g, dtype=torch.float64, **opts):
+    x = x.detach().to(dtype).requires_grad_()
+    w = w.detach().to(dtype).requires_grad_()
+    b = None if b is None else b.detach().to(dtype).requires_grad_()
+    loss = linear_cross_entropy_ref(x, w, t, bias=b, **opts)
+    params = [p for p in (x, w, b) if p is not None]
+    grads = torch.autograd.grad(loss, params, g.to(dtype)) if loss.numel() else [torch.zeros_like(p) for p in params]
+    return loss, grads
+
+
+def assert_fp32_close(backend, x, w, t, b, tol=FP32_TOL, **opts):
+    loss, grads, g = run_op(backend, x, w, t, b, **opts)
+    ref_loss, ref_grads = run_ref(x, w, t, b, g, **opts)
+    assert loss.dtype == x.dtype and loss.shape == ref_loss.shape
+    assert torch.isfinite(loss).all()
+    assert rel_err(loss, ref_loss) < tol, ("loss", rel_err(loss, ref_loss))
+    for name, got, ref in zip(("input", "weight", "bias"), grads, ref_grads):
+        assert got.shape == ref.shape and got.dtype == x.dtype, name
+        assert rel_err(got, ref) < tol, (f"grad_{name}", rel_err(got, ref))
+
+
+SHAPES_CPU = [(1, 17, 50257), (37, 24, 301), (64, 100, 32001), (5, 8, 3)]
+SHAPES_TRITON = [(1, 17, 50257), (6, 24, 301), (3, 8, 3)]
+
+
+def shapes_for(backend):
+    return SHAPES_TRITON if backend == "triton" else SHAPES_CPU
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fp32_shapes(backend, reduction):
+    for N, H, V in shapes_for(backend):
+        x, w, t, b = make_inputs(N, H, V)
+        assert_fp32_close(backend, x, w, t, b, reduction=reduction)
+
+
+OPTION_SETS = [
+    dict(bias=True),
+    dict(label_smoothing=0.1),
+    dict(z_loss=1e-3),
+    dict(softcap=30.0),
+    dict(softcap=2.0, label_smoothing=0.3, z_loss=0.01, bias=True),
+    dict(ignore_index=7),
+    dict(ignore_index=0, label_smoothing=1.0),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_fp32_options(backend, reduction, opts):
+    opts = dict(opts)
+    bias = opts.pop("bias", False)
+    N, H, V = (4, 12, 257) if backend == "triton" else (29, 36, 1001)
+    x, w, t, b = make_inputs(N, H, V, bias=bias, ignore_index=opts.get("ignore_index", -100),
+                             scale=4.0)
+    assert_fp32_close(backend, x, w, t, b, reduction=reduction, **opts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_noncontiguous_input(backend):
+    """(B, T, H) input that is a transposed view, (B, T) targets, per-token losses."""
+    B, T, H, V = 3, 5, 20, 403
+    base = torch.randn(T, B, H)
+    x = base.transpose(0, 1)  # non-contiguous (B, T, H)
+    w = (torch.randn(H, V) / H ** 0.5).t()  # non-contiguous (V, H)
+    t = torch.randint(0, V, (B, T))
+    assert not x.is_contiguous() and not w.is_contiguous()
+    assert_fp32_close(backend, x, w, t, None, reduction="none")
+    assert_fp32_close(backend, x, w, t, None, reduction="mean")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    H, V = 16, 33
+    for reduction, shape in (("mean", ()), ("sum", ()), ("none", (0,))):
+        x = torch.randn(0, H, requires_grad=True)
+        w = torch.randn(V, H, requires_grad=True)
+        with ptcore.use_backend(backend):
+            loss = linear_cross_entropy(x, w, torch.empty(0, dtype=torch.long), reduction=reduction)
+        assert loss.shape == shape and torch.all(loss == 0)
+        loss.sum().backward()
+        assert x.grad.shape == (0, H) and torch.all(w.grad == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_row_ignored(backend, reduction):
+    """Documented deviation from F.cross_entropy: loss 0 and zero gradients, never NaN."""
+    x = torch.randn(6, 10, requires_grad=True)
+    w = torch.randn(50, 10, requires_grad=True)
+    b = torch.randn(50, requires_grad=True)
+    t = torch.full((6,), -100)
+    with ptcore.use_backend(backend):
+        loss = linear_cross_entropy(x, w, t, bias=b, reduction=reduction, label_smoothing=0.1)
+    assert torch.all(loss == 0)
+    loss.sum().backward()
+    for p in (x, w, b):
+        assert torch.all(p.grad == 0), p.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits(backend):
+    """|logits| ~ 1e4: the online max keeps everything finite and exact to fp32 rounding."""
+    N, H, V = 8, 16, 129
+    x, w, t, _ = make_inputs(N, H, V, ignore_frac=0.0)
+    x = x * (1e4 / (x.reshape(-1, H) @ w.T).abs().max())
+    for opts in (dict(), dict(label_smoothing=0.1, z_loss=1e-6)):
+        loss, grads, g = run_op(backend, x, w, t, None, reduction="none", **opts)
+        ref_loss, ref_grads = run_ref(x, w, t, None, g, reduction="none", **opts)
+        assert torch.isfinite(loss).all() and all(torch.isfinite(gr).all() for gr in grads)
+        assert rel_err(loss, ref_loss) < 1e-5
+        for got, ref in zip(grads, ref_grads):
+            assert rel_err(got, ref) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_negative_logits(backend):
+    """A row whose logits are all very negative (a peer started the running max at 0 and broke here)."""
+    H, V = 8, 40
+    x = torch.randn(4, H).abs()
+    w = -torch.rand(V, H) * 50 - 10
+    t = torch.randint(0, V, (4,))
+    assert_fp32_close(backend, x, w, t, None, tol=1e-5, reduction="none")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if getattr(b, "values", (b,))[0] != "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_criterion(backend, dtype):
+    """Kernel error vs float64 <= naive PyTorch error in the same dtype + 1e-2 (relative)."""
+    for (N, H, V), opts in (((64, 96, 32001), dict()), ((33, 40, 5003), dict(softcap=20.0, z_loss=1e-4, label_smoothing=0.1))):
+        x, w, t, b = make_inputs(N, H, V, dtype=dtype, bias=True, scale=3.0)
+        for reduction in ("mean", "none"):
+            loss, grads, g = run_op(backend, x, w, t, b, reduction=reduction, **opts)
+            ref_loss, ref_grads = run_ref(x, w, t, b, g, reduction=reduction, **opts)
+            naive_loss, naive_grads = run_ref(x, w, t, b, g, dtype=dtype, reduction=reduction, **opts)
+            assert loss.dtype == dtype
+            assert rel_err(loss, ref_loss) <= rel_err(naive_loss, ref_loss) + 1e-2
+            for got, ref, naive in zip(grads, ref_grads, naive_grads):
+                assert got.dtype == dtype
+                assert rel_err(got, ref) <= rel_err(naive, ref) + 1e-2
+
+
+def test_triton_low_precision_fp16():
+    """Triton's bf16 path runs on the GPU backends; under the interpreter fp16 is checked."""
+    pytest.importorskip("triton")
+    backend = "triton"
+    why = ptcore.ops.dispatch.cannot_run(backend, torch.device("cpu"), torch.float16)
+    if why:
+        pytest.skip(f"backend triton: {why}")
+    x, w, t, b = make_inputs(6, 24, 513, dtype=torch.float16, bias=True, scale=3.0)
+    loss, grads, g = run_op(backend, x, w, t, b, reduction="none", softcap=15.0)
+    ref_loss, ref_grads = run_ref(x, w, t, b, g, reduction="none", softcap=15.0)
+    naive_loss, naive_grads = run_ref(x, w, t, b, g, dtype=torch.float16, reduction="none", softcap=15.0)
+    assert rel_err(loss, ref_loss) <= rel_err(naive_loss, ref_loss) + 1e-2
+    for got, ref, naive in zip(grads, ref_grads, naive_grads):
+        assert rel_err(got, ref) <= rel_err(naive, ref) + 1e-2
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_float64(backend, reduction):
+    if ptcore.ops.dispatch.cannot_run(backend, torch.device("cpu"), torch.float64):
+        pytest.skip(f"backend {backend} cannot run float64 here")
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1, -100, 10, 0, 3])
+
+    def f(x, w, b):
+        with ptcore.use_backend(backend), ptcore.chunk_budget(2 * 11 * 8):
+            return linear_cross_entropy(x, w, t, bias=b, reduction=reduction, softcap=3.0,
+                                        label_smoothing=0.1, z_loss=0.01)
+
+    assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunk_size_invariance_and_repeatability(backend):
+    """Results do not depend on the chunk size beyond rounding, and a repeat is bitwise equal."""
+    N, H, V = (7, 12, 130) if backend == "triton" else (50, 32, 777)
+    x, w, t, b = make_inputs(N, H, V, bias=True)
+    results = []
+    for budget in (V * 4, 3 * V * 4, 1 << 30):
+        with ptcore.chunk_budget(budget):
+            results.append(run_op(backend, x, w, t, b, reduction="sum", label_smoothing=0.05))
+    base_loss, base_grads, _ = results[-1]
+    for loss, grads, _ in results[:-1]:
+        assert rel_err(loss, base_loss) < 1e-6
+        for got, ref in zip(grads, base_grads):
+            assert rel_err(got, ref) < 1e-6
+    again_loss, again_grads, _ = run_op(backend, x, w, t, b, reduction="sum", label_smoothing=0.05)
+    assert torch.equal(again_loss, base_loss)
+    assert all(torch.equal(a, c) for a, c in zip(again_grads, base_grads))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_and_input(backend):
+    """Only the needed gradients are computed; the others stay None."""
+    x, w, t, _ = make_inputs(9, 8, 64)
+    w.requires_grad_(False)
+    xg = x.clone().requires_grad_()
+    with ptcore.use_backend(backend):
+        linear_cross_entropy(xg, w, t).backward()
+    assert xg.grad is not None and w.grad is None
+    wg = w.clone().requires_grad_()
+    with ptcore.use_backend(backend):
+        linear_cross_entropy(x, wg, t).backward()
+    assert wg.grad is not None and wg.grad.dtype == wg.dtype
+
+
+def test_no_grad_forward_matches():
+    x, w, t, b = make_inputs(20, 16, 300, bias=True)
+    with torch.no_grad():
+        a = linear_cross_entropy(x, w, t, bias=b)
+    c = linear_cross_entropy(x.requires_grad_(), w, t, bias=b)
+    assert torch.allclose(a, c.detach(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_second_backward_recomputes(reduction):
+    """retain_graph: the first backward scales the stored gradients in place, a second one
+    recomputes them, so both are right."""
+    x, w, t, b = make_inputs(9, 8, 20, bias=True)
+    params = [p.requires_grad_() for p in (x, w, b)]
+    loss = linear_cross_entropy(x, w, t, bias=b, reduction=reduction)
+    first = torch.autograd.grad(loss, params, torch.tensor(2.0), retain_graph=True)
+    second = torch.autograd.grad(loss, params, torch.tensor(-3.0))
+    for a, c in zip(first, second):
+        assert rel_err(c, a * -1.5) < 1e-6
+
+
+def test_module_matches_functional():
+    x, w, t, b = make_inputs(12, 16, 100, bias=True)
+    mod = ptcore.nn.LinearCrossEntropyLoss(label_smoothing=0.1, softcap=10.0, reduction="sum")
+    assert "softcap=10.0" in repr(mod)
+    expected = linear_cross_entropy(x, w, t, bias=b, label_smoothing=0.1, softcap=10.0, reduction="sum")
+    assert torch.equal(mod(x, w, t, b), expected)
