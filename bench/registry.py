@@ -1,0 +1,29 @@
+"""The benchmark registry: name -> module. A new benchmark (a log-prob head, an RL loss) is one
+module in bench/ with the interface below, plus one line in BENCHMARKS.
+
+A benchmark module defines:
+  NAME, TITLE            registry name (also the results' file stem) and the table's title
+  SIZE_KEYS              the size parameters, in ``--sizes`` order, e.g. ("N", "H", "V")
+  DEFAULT_SIZES          {"cpu": {...}, "cuda": {...}};  LARGE_SIZES: the size ``--large`` adds
+  DEFAULT_DTYPE          {"cpu": "float32", "cuda": "bfloat16"}
+  BASELINE               the case whose FLOP rate is the 1.0 of "of GEMM" (the unavoidable work)
+  flops(sizes)           FLOPs of one step: the numerator of GFLOP/s for every case
+  cases(device, dtype)   [(case, None or why it is skipped here)], in table order
+  reference(device, dtype)            the case the ratios are taken against (ptcore's default)
+  estimate_bytes(case, sizes, dtype)  a generous memory estimate, inputs included
+  build(case, sizes, dtype, device) -> (step, reset)
+                         in the worker: makes the inputs; step() is one timed iteration (it may
+                         return the loss, kept as a cross-check), reset() clears state, untimed
+"""
+import importlib
+from types import ModuleType
+
+BENCHMARKS = {
+    "linear_cross_entropy": "bench.linear_ce",
+}
+
+
+def load(name: str) -> ModuleType:
+    if name not in BENCHMARKS:
+        raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    return importlib.import_module(BENCHMARKS[name])
