@@ -51,7 +51,8 @@ def plot(path: Path, meta: dict, records: list[dict]) -> None:
 
     ok = [r for r in records if r["status"] == "ok"]
     names = [r["name"] for r in ok][::-1]  # top to bottom in table order
-    colors = ["tab:orange" if n.startswith("ptcore") else "tab:gray" for n in names]
+    colors = ["tab:orange" if n == meta["reference"] else "#f5c28b" if n.startswith("ptcore") else "tab:gray"
+              for n in names]  # ptcore highlighted, its default backend most
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(ok) + 1.8), sharey=True)
     panels = [("frac_of_gemm", "fraction of the bare-GEMM FLOP rate (1.0 = limit)", "{:.2f}"),
               ("extra_peak_mb", f"extra peak memory (MB, {meta['memory']})", "{:.0f}")]
