@@ -9,7 +9,8 @@ setup:
 test: setup
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-bench: setup
+bench:
+	VENV=$(VENV) EXTRAS=bench,peers bash scripts/setup.sh
 	$(PY) -m bench $(BENCH_ARGS)
 
 info: setup
