@@ -4,7 +4,7 @@
 //   G = s * [ (1 + 2 z_loss lse) softmax(z') - eps/V - (1-eps) onehot(y) ] * dz'/dz
 // Three sweeps over a row that stays in L2: max and sum (for label smoothing), sum of exp, and the
 // gradient write. exp is recomputed rather than stored, so the row is written once, at the end.
-#include "cross_entropy_rows.h"
+#include "ptcore/cross_entropy_rows.h"
 
 #include <algorithm>
 #include <cmath>
@@ -37,8 +37,8 @@ void rows_impl(const CrossEntropyRowsArgs& a, int64_t* first_bad_row) {
   for (int64_t r = 0; r < a.rows; ++r) {
     T* row = static_cast<T*>(a.logits) + r * a.row_stride;
     const int64_t y = a.target[r * a.target_stride];
-    A& loss = static_cast<A*>(a.loss)[r * a.loss_stride];
-    A& lse_out = static_cast<A*>(a.lse)[r * a.lse_stride];
+    A& loss = static_cast<A*>(a.loss)[r];
+    A& lse_out = static_cast<A*>(a.lse)[r];
     if (y == a.ignore_index) {
       loss = 0;
       lse_out = 0;
@@ -96,16 +96,7 @@ void rows_dispatch_cap(const CrossEntropyRowsArgs& a, int64_t* bad) {
 }  // namespace
 
 void cross_entropy_rows(const CrossEntropyRowsArgs& a) {
-  if (a.rows < 0) throw std::invalid_argument("cross_entropy_rows: 'rows' must be >= 0");
-  if (a.vocab <= 0) throw std::invalid_argument("cross_entropy_rows: 'vocab' must be > 0");
-  if (a.row_stride < a.vocab)
-    throw std::invalid_argument("cross_entropy_rows: 'logits' row stride is smaller than the vocab");
-  if (a.rows > 0 && (!a.logits || !a.target || !a.loss || !a.lse))
-    throw std::invalid_argument("cross_entropy_rows: 'logits', 'target', 'loss' and 'lse' must be non-null");
-  if (!(a.label_smoothing >= 0.0 && a.label_smoothing <= 1.0))
-    throw std::invalid_argument("cross_entropy_rows: 'label_smoothing' must lie in [0, 1]");
-  if (!(a.z_loss >= 0.0)) throw std::invalid_argument("cross_entropy_rows: 'z_loss' must be >= 0");
-  if (!(a.softcap >= 0.0)) throw std::invalid_argument("cross_entropy_rows: 'softcap' must be > 0 or 0 (off)");
+  check_cross_entropy_rows_args(a);
   if (a.rows == 0) return;
 
   int64_t bad = -1;

@@ -11,7 +11,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "cross_entropy_rows_cuda.h"
+#include "ptcore/cross_entropy_rows.h"
 
 namespace ptcore {
 namespace {
@@ -108,34 +108,27 @@ cross_entropy_rows_kernel(T* __restrict__ logits, int64_t vocab, int64_t row_str
 }
 
 template <typename T>
-void launch(const CrossEntropyRowsCudaArgs& a, cudaStream_t stream) {
+void launch(const CrossEntropyRowsArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.rows)), block(kThreads);
   const float eps = float(a.label_smoothing), zl = float(a.z_loss), cap = float(a.softcap);
   T* logits = static_cast<T*>(a.logits);
   if (a.softcap > 0)
     cross_entropy_rows_kernel<T, true><<<grid, block, 0, stream>>>(
-        logits, a.vocab, a.row_stride, a.target, a.target_stride, a.loss, a.lse, a.scale,
-        a.scale_stride, a.ignore_index, eps, zl, cap, a.write_grad);
+        logits, a.vocab, a.row_stride, a.target, a.target_stride, static_cast<float*>(a.loss),
+        static_cast<float*>(a.lse), static_cast<const float*>(a.scale), a.scale_stride,
+        a.ignore_index, eps, zl, cap, a.write_grad);
   else
     cross_entropy_rows_kernel<T, false><<<grid, block, 0, stream>>>(
-        logits, a.vocab, a.row_stride, a.target, a.target_stride, a.loss, a.lse, a.scale,
-        a.scale_stride, a.ignore_index, eps, zl, cap, a.write_grad);
+        logits, a.vocab, a.row_stride, a.target, a.target_stride, static_cast<float*>(a.loss),
+        static_cast<float*>(a.lse), static_cast<const float*>(a.scale), a.scale_stride,
+        a.ignore_index, eps, zl, cap, a.write_grad);
 }
 
 }  // namespace
 
-void cross_entropy_rows_cuda(const CrossEntropyRowsCudaArgs& a) {
-  if (a.rows < 0) throw std::invalid_argument("cross_entropy_rows: 'rows' must be >= 0");
+void cross_entropy_rows_cuda(const CrossEntropyRowsArgs& a) {
+  check_cross_entropy_rows_args(a);
   if (a.rows > 2147483647LL) throw std::invalid_argument("cross_entropy_rows: 'rows' exceeds the grid limit");
-  if (a.vocab <= 0) throw std::invalid_argument("cross_entropy_rows: 'vocab' must be > 0");
-  if (a.row_stride < a.vocab)
-    throw std::invalid_argument("cross_entropy_rows: 'logits' row stride is smaller than the vocab");
-  if (a.rows > 0 && (!a.logits || !a.target || !a.loss || !a.lse))
-    throw std::invalid_argument("cross_entropy_rows: 'logits', 'target', 'loss' and 'lse' must be non-null");
-  if (!(a.label_smoothing >= 0.0 && a.label_smoothing <= 1.0))
-    throw std::invalid_argument("cross_entropy_rows: 'label_smoothing' must lie in [0, 1]");
-  if (!(a.z_loss >= 0.0)) throw std::invalid_argument("cross_entropy_rows: 'z_loss' must be >= 0");
-  if (!(a.softcap >= 0.0)) throw std::invalid_argument("cross_entropy_rows: 'softcap' must be > 0 or 0 (off)");
   if (a.rows == 0) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
   const std::string& dt = a.dtype;
