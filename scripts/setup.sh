@@ -24,7 +24,7 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip setuptools wheel
-pip install -q "$TORCH_REQ"
+pip install -q "$TORCH_REQ" numpy
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   "$VENV/bin/python" - <<'PYEOF'
 import torch, sys
