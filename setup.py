@@ -4,6 +4,7 @@
 skips it). Metadata lives in pyproject.toml.
 """
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -32,7 +33,11 @@ class NinjaBuildExt(build_ext):
                 continue
             dest = Path(self.get_ext_fullpath(ext.name))
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(built[name], dest)
+            # Copy then rename: a process that has the old module loaded keeps its inode intact
+            # (overwriting it in place crashes such a process).
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.copyfile(built[name], tmp)
+            os.replace(tmp, dest)
 
 
 def _extensions():

@@ -2,6 +2,7 @@
 the one memory helper (:class:`PeakMemory`), and launching one case in a fresh subprocess."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -58,7 +59,10 @@ def sync(device: str) -> None:
 
 
 class PeakMemory:
-    """Extra peak memory over a baseline taken at construction (inputs made, no op called yet).
+    """Extra peak memory over a baseline taken at construction: by :func:`measure`, after the
+    warm-up step with its gradients dropped, so one-time library state (thread pools, BLAS
+    buffers, compiled code) is not billed to the op: what is measured is what a training step
+    adds on top of the inputs.
 
     CPU: peak RSS (``ru_maxrss``; KiB on Linux, bytes on macOS) minus the RSS (psutil) then; the
     process is fresh, so nothing but this case counts. CUDA: ``max_memory_allocated`` minus
@@ -100,10 +104,11 @@ class PeakMemory:
 def measure(step, reset, repeats: int, device: str) -> dict:
     """One warm-up ``step()``, then ``repeats`` timed ones; ``reset()`` runs between, untimed.
     Returns the times (s), the extra peak memory (bytes) and the last step's return value."""
-    mem = PeakMemory(device)
     out = step()
     sync(device)
     reset()
+    gc.collect()
+    mem = PeakMemory(device)
     mem.reset_peak()
     times = []
     for _ in range(repeats):

@@ -173,12 +173,18 @@ def _(input, weight, target, bias, grad_loss, ignore_index, label_smoothing, z_l
             input.new_empty(V, dtype=acc) if need_gb else input.new_empty(0))
 
 
+def _is_one_on_cpu(t: torch.Tensor) -> bool:
+    """True for a CPU tensor equal to 1; never inspects a CUDA tensor (a host sync) nor a traced one."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and bool(t == 1)
+
+
 def _setup_context(ctx, inputs, output):
     (x, w, t, b, ignore_index, ls, zl, cap, reduction, backend, chunk, need_gx, need_gw, need_gb) = inputs
     ctx.reduction = reduction
     ctx.need = (need_gx, need_gw, need_gb)
     ctx.options = (ignore_index, ls, zl, cap, backend, chunk)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled V x H "gradients" for the non-differentiable outputs
     ctx.save_for_backward(x, w, t, b)  # alive anyway while the graph is
     # The gradients computed in the forward (mean/sum) are held as a plain attribute, not saved
     # tensors: the first backward scales them in place and hands them on, which the saved-tensor
@@ -188,12 +194,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *_):
     need_gx, need_gw, need_gb = ctx.need
+    if grad_loss is None:  # the loss did not reach the output
+        return (None,) * 14
     if ctx.stored is not None:
         # The common case: scale the gradients computed in the forward, in place (no second V x H
         # buffer) and by a tensor (no host check of grad_output == 1).
         stored, ctx.stored = ctx.stored, None
-        gx, gw, gb = (g.mul_(grad_loss.to(g.dtype)) if need else None
-                      for g, need in zip(stored, ctx.need))
+        if _is_one_on_cpu(grad_loss):  # loss.backward(): nothing to scale (free to check on CPU)
+            gx, gw, gb = (g if need else None for g, need in zip(stored, ctx.need))
+        else:
+            gx, gw, gb = (g.mul_(grad_loss.to(g.dtype)) if need else None
+                          for g, need in zip(stored, ctx.need))
         return (gx, gw, None, gb) + (None,) * 10
     x, w, t, b = ctx.saved_tensors
     if ctx.reduction == "none":

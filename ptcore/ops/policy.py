@@ -1,0 +1,218 @@
+"""Policy-gradient losses (GRPO / PPO family) on per-token log-probs: shared/reference/losses.md §2.
+
+Tensors are ``[B, T]`` (``advantages`` may be ``[B]``, broadcast to the tokens of its sequence).
+The math runs in float32 (float64 when ``logps`` is float64), with plain differentiable PyTorch
+ops and no host syncs. Positions where ``mask`` is 0 (prompt, padding) are replaced by 0 before
+any math, so garbage there (``-inf`` log-probs, NaN advantages) never reaches the loss or the
+gradient; such positions get zero gradient.
+
+Conventions picked where the reference leaves a choice (§2):
+
+* cispo caps the stop-gradient ratio at an absolute ``cispo_max`` when given, else at
+  ``1 + epsilon_high``; no lower clip.
+* gspo always uses the sequence-level ratio; ``importance_sampling_level="sequence"`` selects it
+  for the PPO-clip types and cispo too. pg has no ratio.
+* ``normalizer`` is the GLOBAL denominator of the aggregation (``AGGREGATION``) over the whole
+  optimizer step: total completion tokens (token-mean), total sequences (seq-mean-token-mean),
+  ``B_total * L_max`` (seq-mean-token-sum-norm). With it, summing the losses of micro-batches
+  equals the loss of the whole batch. Defaults: this call's ``mask.sum()``, ``B``, ``B * T``.
+  A zero normalizer (all tokens masked) gives loss 0.
+* Metrics (detached, masked means over this call's completion tokens, 0 when all are masked):
+  ``clip_ratio/low_mean`` = share of tokens with ``rho < 1 - eps_low`` and ``A < 0``,
+  ``clip_ratio/high_mean`` = ``rho > 1 + eps_high`` and ``A > 0`` (cispo: ``rho > cap``, any A;
+  pg: 0), ``clip_ratio/region_mean`` = either; ``ratio_mean``; ``approx_kl`` =
+  ``rho - 1 - log rho`` with the token-level ratio (k3 with ``old`` in the role of the policy:
+  the unbiased estimate of KL(pi_old || pi) over tokens sampled from pi_old); ``kl`` (the chosen
+  estimator vs ``ref_logps``, when given, even with ``beta = 0``); ``entropy`` (when given; it is
+  only logged, never added to the loss).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from ptcore.ops import checks
+
+OP = "policy_loss"
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "pg")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATION = {"grpo": "seq-mean-token-mean", "gspo": "seq-mean-token-mean",
+               "bnpo": "token-mean", "dapo": "token-mean", "cispo": "token-mean",
+               "pg": "token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
+
+
+class PolicyLossOutput(NamedTuple):
+    loss: torch.Tensor
+    metrics: dict
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token KL estimate of the policy to the reference (losses.md §2, KL table).
+
+    ``k1 = logp - ref``, ``k2 = 0.5 (logp - ref)^2``, ``k3 = exp(d) - d - 1`` with
+    ``d = clamp(ref - logp, -20, 20)``. Same shape and dtype as the inputs; differentiable.
+
+    Example:
+        >>> import torch
+        >>> kl_penalty(torch.tensor([0.0, -1.0]), torch.tensor([0.0, 0.0]), "k3")
+        tensor([0.0000, 0.7183])
+    """
+    checks.choice("kl_penalty", "estimator", estimator, KL_ESTIMATORS)
+    if logps.shape != ref_logps.shape:
+        raise ValueError(f"kl_penalty: 'ref_logps' must have shape {tuple(logps.shape)} like "
+                         f"'logps', got {tuple(ref_logps.shape)}")
+    if estimator == "k1":
+        return logps - ref_logps
+    if estimator == "k2":
+        return 0.5 * (logps - ref_logps) ** 2
+    d = torch.clamp(ref_logps - logps, -20.0, 20.0)
+    return torch.exp(d) - d - 1
+
+
+def _like(name, value, ref):
+    checks.tensor(OP, name, value)
+    if value.shape != ref.shape:
+        raise ValueError(f"{OP}: '{name}' must have shape {tuple(ref.shape)} like 'logps', got "
+                         f"{tuple(value.shape)}")
+    checks.same_device(OP, "logps", ref, **{name: value})
+
+
+def _normalizer(value, default, acc, device):
+    """The aggregation's denominator as a 0-d tensor; 0 becomes 1 (the numerator is then 0)."""
+    if value is None:
+        value = default
+    elif isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{OP}: 'normalizer' must be a number or a one-element tensor, got "
+                             f"shape {tuple(value.shape)}")
+        value = value.reshape(())
+    else:
+        checks.number(OP, "normalizer", value, low=0, low_open=True)
+    value = torch.as_tensor(value, dtype=acc, device=device)
+    return torch.where(value == 0, torch.ones_like(value), value)
+
+
+def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, *, ref_logps: Optional[torch.Tensor] = None,
+                beta: float = 0.0, kl_estimator: str = "k3", epsilon_low: float = 0.2,
+                epsilon_high: Optional[float] = None, dual_clip: Optional[float] = None,
+                importance_sampling_level: str = "token", loss_type: str = "dapo",
+                normalizer: Union[None, float, torch.Tensor] = None,
+                entropy: Optional[torch.Tensor] = None,
+                cispo_max: Optional[float] = None) -> PolicyLossOutput:
+    """Clipped policy-gradient loss of one micro-batch (losses.md §2).
+
+    Per token: PPO clip ``-min(rho A, clip(rho, 1-eps_low, 1+eps_high) A)`` (grpo, bnpo, dr_grpo,
+    dapo, gspo), with dual clip ``min(., -c A)`` for ``A < 0`` when ``dual_clip=c`` (``c > 1``);
+    cispo ``-sg(min(rho, cap)) A logp``; pg ``-A logp``; plus ``beta * KL_t`` when ``beta > 0``.
+    ``rho = exp(clamp(logp - old, -20, 20))`` (gspo: the sequence's masked mean log-ratio).
+    Aggregated as ``AGGREGATION[loss_type]`` with the global ``normalizer`` (module docstring).
+
+    Args:
+        logps: ``[B, T]`` policy log-probs of the sampled tokens (differentiable).
+        old_logps: ``[B, T]`` log-probs of the sampling policy. advantages: ``[B]`` or ``[B, T]``.
+        mask: ``[B, T]`` bool or {0, 1}; nonzero = completion token.
+        ref_logps: ``[B, T]`` reference log-probs; required when ``beta > 0``.
+        beta (``>= 0``), kl_estimator (k1/k2/k3), epsilon_low (in ``[0, 1]``), epsilon_high
+        (``>= 0``, default epsilon_low), dual_clip (``> 1``), importance_sampling_level
+        (token/sequence), loss_type (``LOSS_TYPES``), normalizer (``> 0``), entropy (``[B, T]``,
+        logged), cispo_max (``> 0``).
+
+    Returns:
+        ``PolicyLossOutput(loss, metrics)``: scalar loss and a dict of detached scalars.
+
+    Example:
+        >>> import torch
+        >>> logps = torch.log(torch.tensor([[1.5]]))  # rho = 1.5 against old = 0
+        >>> out = policy_loss(logps, torch.zeros(1, 1), torch.ones(1), torch.ones(1, 1))
+        >>> round(float(out.loss), 4)  # -min(1.5, 1.2) * A
+        -1.2
+    """
+    checks.tensor(OP, "logps", logps, ndim=2, dtypes=checks.FLOAT_DTYPES)
+    B, T = logps.shape
+    _like("old_logps", old_logps, logps)
+    _like("mask", mask, logps)
+    checks.tensor(OP, "advantages", advantages)
+    if advantages.shape not in ((B,), (B, T)):
+        raise ValueError(f"{OP}: 'advantages' must have shape ({B},) or ({B}, {T}) like 'logps', "
+                         f"got {tuple(advantages.shape)}")
+    checks.same_device(OP, "logps", logps, advantages=advantages)
+    for name, t in (("ref_logps", ref_logps), ("entropy", entropy)):
+        if t is not None:
+            _like(name, t, logps)
+    checks.choice(OP, "loss_type", loss_type, LOSS_TYPES)
+    checks.choice(OP, "kl_estimator", kl_estimator, KL_ESTIMATORS)
+    checks.choice(OP, "importance_sampling_level", importance_sampling_level, ("token", "sequence"))
+    beta = checks.number(OP, "beta", beta, low=0)
+    eps_low = checks.number(OP, "epsilon_low", epsilon_low, low=0, high=1)
+    eps_high = eps_low if epsilon_high is None else checks.number(OP, "epsilon_high", epsilon_high,
+                                                                  low=0)
+    if dual_clip is not None:
+        dual_clip = checks.number(OP, "dual_clip", dual_clip, low=1, low_open=True)
+    if cispo_max is not None:
+        cispo_max = checks.number(OP, "cispo_max", cispo_max, low=0, low_open=True)
+    if beta > 0 and ref_logps is None:
+        raise ValueError(f"{OP}: 'ref_logps' is required when 'beta' > 0 (got beta={beta})")
+
+    acc = torch.float64 if logps.dtype == torch.float64 else torch.float32
+    m = mask if mask.dtype == torch.bool else mask != 0
+    mf = m.to(acc)
+    zero = logps.new_zeros((), dtype=acc)
+    lp = torch.where(m, logps.to(acc), zero)
+    old = torch.where(m, old_logps.to(acc), zero)
+    adv = advantages.to(acc)
+    adv = torch.where(m, adv[:, None] if adv.dim() == 1 else adv, zero)
+
+    log_ratio = lp - old
+    if loss_type == "gspo" or (importance_sampling_level == "sequence" and loss_type != "pg"):
+        seq = log_ratio.sum(-1) / mf.sum(-1).clamp(min=1)
+        log_ratio = seq[:, None].expand(B, T)
+    rho = torch.exp(torch.clamp(log_ratio, -20.0, 20.0))
+
+    cap = (cispo_max if cispo_max is not None else 1 + eps_high)
+    if loss_type == "pg":
+        per_token = -adv * lp
+    elif loss_type == "cispo":
+        per_token = -torch.clamp(rho, max=cap).detach() * adv * lp
+    else:
+        per_token = -torch.min(rho * adv, torch.clamp(rho, 1 - eps_low, 1 + eps_high) * adv)
+        if dual_clip is not None:
+            per_token = torch.where(adv < 0, torch.min(per_token, -dual_clip * adv), per_token)
+    kl = None
+    if ref_logps is not None:
+        kl = kl_penalty(lp, torch.where(m, ref_logps.to(acc), zero), kl_estimator)
+        if beta > 0:
+            per_token = per_token + beta * kl
+    per_token = torch.where(m, per_token, zero)
+
+    agg = AGGREGATION[loss_type]
+    if agg == "token-mean":
+        loss = per_token.sum() / _normalizer(normalizer, mf.sum(), acc, logps.device)
+    elif agg == "seq-mean-token-mean":
+        per_seq = per_token.sum(-1) / mf.sum(-1).clamp(min=1)
+        loss = per_seq.sum() / _normalizer(normalizer, B, acc, logps.device)
+    else:
+        loss = per_token.sum() / _normalizer(normalizer, B * T, acc, logps.device)
+
+    with torch.no_grad():
+        n_tok = mf.sum().clamp(min=1)
+
+        def mean(x):
+            return torch.where(m, x.to(acc), zero).sum() / n_tok
+
+        if loss_type == "pg":
+            low = high = torch.zeros_like(m)
+        elif loss_type == "cispo":
+            low, high = torch.zeros_like(m), rho > cap
+        else:
+            low = (rho < 1 - eps_low) & (adv < 0)
+            high = (rho > 1 + eps_high) & (adv > 0)
+        metrics = {"clip_ratio/low_mean": mean(low), "clip_ratio/high_mean": mean(high),
+                   "clip_ratio/region_mean": mean(low | high), "ratio_mean": mean(rho),
+                   "approx_kl": mean(kl_penalty(old, lp, "k3"))}
+        if kl is not None:
+            metrics["kl"] = mean(kl)
+        if entropy is not None:
+            metrics["entropy"] = mean(torch.where(m, entropy.to(acc), zero))
+    return PolicyLossOutput(loss, metrics)
