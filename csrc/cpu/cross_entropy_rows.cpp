@@ -17,14 +17,6 @@
 namespace ptcore {
 namespace {
 
-template <typename A>
-inline A softcap_fn(A z, A cap, A inv_cap) {
-  // cap * tanh(z / cap) from exp so that the loop vectorizes.
-  const A x = z * inv_cap, ax = x < A(0) ? -x : x;
-  const A t = A(1) - A(2) / (fast_exp(A(2) * ax) + A(1));
-  return cap * (x < A(0) ? -t : t);
-}
-
 template <typename T, bool kCap>
 void rows_impl(const CrossEntropyRowsArgs& a, int64_t* first_bad_row) {
   using A = typename acc<T>::type;

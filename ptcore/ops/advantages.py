@@ -50,7 +50,8 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None, *,
     Args:
         rewards: ``[B]`` rewards; NaN = missing.
         group_size: consecutive groups of this size (must divide B), or
-        groups: ``[B]`` integer group ids (any values, any order). Give exactly one.
+        groups: ``[B]`` integer group ids (any values, any order; uses ``torch.unique``, one
+            host sync on an accelerator, where ``group_size`` has none). Give exactly one.
         estimator: ``grpo`` ``(r - mean_g) / (std_g + eps)``; ``rloo`` ``r_i - mean_{j != i} r_j``;
             ``reinforce_pp`` group-mean baseline then whitened over the batch.
         scale: grpo only: ``group`` (group std), ``batch`` (batch std), ``none`` (Dr. GRPO).

@@ -1,4 +1,5 @@
-"""Policy-gradient losses (GRPO / PPO family) on per-token log-probs: shared/reference/losses.md §2.
+"""Policy-gradient losses (GRPO / PPO family) on per-token log-probs: losses.md §2
+(shared/reference/losses.md).
 
 Tensors are ``[B, T]`` (``advantages`` may be ``[B]``, broadcast to the tokens of its sequence).
 The math runs in float32 (float64 when ``logps`` is float64), with plain differentiable PyTorch

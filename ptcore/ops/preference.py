@@ -156,8 +156,9 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     e = checks.number(OP, "label_smoothing", label_smoothing, low=0)
     e_max = 0.5 if "robust" in kinds else 1.0
     if e >= e_max:
-        raise ValueError(f"{OP}: 'label_smoothing' must be in [0, {e_max})"
-                         f"{' for loss_type robust' if e_max == 0.5 else ''}, got {label_smoothing}")
+        where = " for loss_type robust" if e_max == 0.5 else ""
+        raise ValueError(f"{OP}: 'label_smoothing' must be in [0, {e_max}){where}, "
+                         f"got {label_smoothing}")
     gamma = checks.number(OP, "gamma", gamma)
     orpo_lambda = checks.number(OP, "orpo_lambda", orpo_lambda, low=0)
 

@@ -9,6 +9,8 @@ else float32. Each row gets its log-sum-exp and loss
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ptcore import _ext
@@ -78,3 +80,94 @@ def rows_triton(logits, target, loss, lse, scale, *, ignore_index, label_smoothi
 
 
 CROSS_ENTROPY_ROWS = {"torch": rows_torch, "cpu": rows_cpu, "cuda": rows_cuda, "triton": rows_triton}
+
+
+# ---- log-prob / entropy rows (math: csrc/include/ptcore/logprob_rows.h) ----
+# stats(logits, target, logp, entropy|None, lse, mu) fills the per-row vectors;
+# grad(logits, target, lse, mu, g_logp|None, g_entropy|None) overwrites logits with
+# d(g_logp * logp + g_entropy * entropy)/dlogits. Per-row vectors: accumulation dtype, contiguous.
+
+def _tempered(logits, softcap, temperature):
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    u = logits.to(acc)
+    if softcap:
+        u = softcap * torch.tanh(u / softcap)
+    return u, u / temperature
+
+
+def logprob_stats_torch(logits, target, logp, entropy, lse, mu, *, ignore_index, softcap, temperature):
+    """Reference implementation in plain PyTorch."""
+    _, z = _tempered(logits, softcap, temperature)
+    V = z.shape[1]
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < V)
+    safe_t = torch.where(valid & in_range, target, torch.zeros_like(target)).unsqueeze(1)
+    row_lse = torch.logsumexp(z, dim=1)
+    p = torch.softmax(z, dim=1)
+    row_mu = (p * z).sum(dim=1)
+    row_lp = z.gather(1, safe_t).squeeze(1) - row_lse
+    nan = torch.full_like(row_lse, float("nan"))
+    for out, val in ((logp, row_lp), (lse, row_lse), (mu, row_mu), (entropy, row_lse - row_mu)):
+        if out is not None:
+            out.copy_(torch.where(valid, torch.where(in_range, val, nan), torch.zeros_like(val)))
+
+
+def logprob_grad_torch(logits, target, lse, mu, g_logp, g_entropy, *, ignore_index, softcap, temperature):
+    u, z = _tempered(logits, softcap, temperature)
+    V = z.shape[1]
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < V)
+    p = torch.exp(z - lse.unsqueeze(1))
+    g = torch.zeros_like(z)
+    if g_logp is not None:
+        glp = g_logp.to(z.dtype).unsqueeze(1) / temperature
+        g = g - glp * p
+        safe_t = torch.where(valid & in_range, target, torch.zeros_like(target)).unsqueeze(1)
+        g.scatter_add_(1, safe_t, glp)
+    if g_entropy is not None:
+        g = g - (g_entropy.to(z.dtype).unsqueeze(1) / temperature) * p * (z - mu.unsqueeze(1))
+    if softcap:
+        g = g * (1 - (u / softcap) ** 2)
+    g = torch.where(in_range.unsqueeze(1), g, float("nan"))
+    logits.copy_(torch.where(valid.unsqueeze(1), g, 0.0))
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def _native_logprob(module, name, logits, target, ignore_index, softcap, temperature, *vectors):
+    stream = torch.cuda.current_stream(logits.device).cuda_stream if logits.is_cuda else 0
+    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+        getattr(module, name)(
+            logits.data_ptr(), str(logits.dtype).removeprefix("torch."), logits.shape[0],
+            logits.shape[1], logits.stride(0), target.data_ptr(), ignore_index, softcap or 0.0,
+            temperature, *(_ptr(v) for v in vectors), stream)
+
+
+def logprob_stats_native(module):
+    def stats(logits, target, logp, entropy, lse, mu, *, ignore_index, softcap, temperature):
+        _native_logprob(module(), "logprob_rows_stats", logits, target, ignore_index, softcap,
+                        temperature, logp, entropy, lse, mu, None, None)
+    return stats
+
+
+def logprob_grad_native(module):
+    def grad(logits, target, lse, mu, g_logp, g_entropy, *, ignore_index, softcap, temperature):
+        _native_logprob(module(), "logprob_rows_grad", logits, target, ignore_index, softcap,
+                        temperature, None, None, lse, mu, g_logp, g_entropy)
+    return grad
+
+
+def logprob_stats_triton(logits, target, logp, entropy, lse, mu, **kw):
+    _ext.triton_kernels().logprob_rows_stats(logits, target, logp, entropy, lse, mu, **kw)
+
+
+def logprob_grad_triton(logits, target, lse, mu, g_logp, g_entropy, **kw):
+    _ext.triton_kernels().logprob_rows_grad(logits, target, lse, mu, g_logp, g_entropy, **kw)
+
+
+LOGPROB_STATS = {"torch": logprob_stats_torch, "cpu": logprob_stats_native(_ext.cpu_module),
+                 "cuda": logprob_stats_native(_ext.cuda_module), "triton": logprob_stats_triton}
+LOGPROB_GRAD = {"torch": logprob_grad_torch, "cpu": logprob_grad_native(_ext.cpu_module),
+                "cuda": logprob_grad_native(_ext.cuda_module), "triton": logprob_grad_triton}

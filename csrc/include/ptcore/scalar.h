@@ -73,6 +73,14 @@ inline float fast_exp(float x) {
 }
 inline double fast_exp(double x) { return std::exp(x); }
 
+// Gemma-2 soft-capping cap * tanh(z / cap), from exp so that the loops using it vectorize.
+template <typename A>
+inline A softcap_fn(A z, A cap, A inv_cap) {
+  const A x = z * inv_cap, ax = x < A(0) ? -x : x;
+  const A t = A(1) - A(2) / (fast_exp(A(2) * ax) + A(1));
+  return cap * (x < A(0) ? -t : t);
+}
+
 // Accumulation type: fp32 for every storage type except float64.
 template <typename T> struct acc { using type = float; };
 template <> struct acc<double> { using type = double; };
