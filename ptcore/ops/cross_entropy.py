@@ -16,91 +16,39 @@ from typing import Optional
 
 import torch
 
-from ptcore.ops import checks, chunking, dispatch
+from ptcore.ops import checks
+from ptcore.ops.chunked import acc_dtype, head_plan, run_chunks, scatter_rows, valid_rows
 from ptcore.ops.rows import CROSS_ENTROPY_ROWS
 
 OP = "linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _add_weight_grad(gw: torch.Tensor, g: torch.Tensor, x: torch.Tensor, first: bool) -> None:
-    """gw (fp32/fp64) += g.T @ x for a chunk (``first``: gw = g.T @ x, sparing a zero fill and a
-    read of gw); low-precision products are summed in gw's dtype."""
-    if g.dtype == gw.dtype:
-        if first:
-            torch.mm(g.t(), x, out=gw)
-        else:
-            gw.addmm_(g.t(), x)
-    elif g.is_cuda:
-        prod = torch.mm(g.t(), x, out_dtype=gw.dtype)
-        gw.copy_(prod) if first else gw.add_(prod)
-    else:
-        prod = torch.mm(g.t(), x)
-        gw.copy_(prod) if first else gw.add_(prod)
-
-
 def _chunked(x, w, t, b, *, ignore_index, label_smoothing, z_loss, softcap, backend, chunk, scale,
              need_gx, need_gw, need_gb):
-    """The chunk loop. Returns (loss_rows [N], lse [N], gx, gw, gb), loss and lse in the
-    accumulation dtype (fp32, or fp64 for fp64 inputs); gradients are
-    ``scale * dloss_i/d...`` summed over rows, or empty tensors where not needed."""
-    N, H = x.shape
-    V = w.shape[0]
-    acc = _acc_dtype(x.dtype)
-    loss = torch.zeros(N, dtype=acc, device=x.device)
-    lse = torch.zeros(N, dtype=acc, device=x.device)
-    # Distinct empty tensors where a gradient is not needed: custom-op outputs may not alias.
-    # Every row of gx and gw is written by a GEMM below (or zero-filled when no row is valid).
-    gx = torch.empty(N, H, dtype=x.dtype, device=x.device) if need_gx else x.new_empty(0)
-    gw = torch.empty(V, H, dtype=acc, device=x.device) if need_gw else x.new_empty(0)
-    gb = torch.zeros(V, dtype=acc, device=x.device) if need_gb else x.new_empty(0)
-    if N == 0:
-        return loss, lse, gx.zero_(), gw.zero_(), gb
-
-    if x.device.type == "cpu":
-        # Ignored rows (prompt, padding) cost no GEMM work: run on the valid rows only. A host
-        # decision, so CPU only (on CUDA it would synchronize).
-        valid = t != ignore_index
-        idx = valid.nonzero().squeeze(1)
-        if 0 < idx.numel() < N:
-            per_row_scale = scale is not None and scale.numel() > 1
-            sub = _chunked(x.index_select(0, idx), w, t.index_select(0, idx), b,
-                           ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                           softcap=softcap, backend=backend, chunk=chunk,
-                           scale=scale.index_select(0, idx) if per_row_scale else scale,
-                           need_gx=need_gx, need_gw=need_gw, need_gb=need_gb)
-            loss[idx], lse[idx] = sub[0], sub[1]
-            if need_gx:
-                gx.zero_().index_copy_(0, idx, sub[2])
-            return loss, lse, gx, sub[3], sub[4]
-        if idx.numel() == 0:
-            return loss, lse, gx.zero_(), gw.zero_(), gb
-
+    """Returns (loss_rows [N], lse [N], gx, gw, gb): loss and lse in the accumulation dtype,
+    gradients those of ``sum_i scale_i * loss_i`` (empty where not needed)."""
+    N = x.shape[0]
+    idx = valid_rows(t, ignore_index)
+    if idx is not None:  # ignored rows cost no GEMM work
+        x, t = x.index_select(0, idx), t.index_select(0, idx)
+        if scale is not None and scale.numel() > 1:
+            scale = scale.index_select(0, idx)
+    acc = acc_dtype(x.dtype)
+    loss = torch.zeros(x.shape[0], dtype=acc, device=x.device)
+    lse = torch.zeros(x.shape[0], dtype=acc, device=x.device)
     rows = CROSS_ENTROPY_ROWS[backend]
     write_grad = need_gx or need_gw or need_gb
-    buf = torch.empty(min(chunk, N), V, dtype=x.dtype, device=x.device)
-    wt = w.t()
-    for s in range(0, N, chunk):
-        e = min(s + chunk, N)
-        xc, z = x[s:e], buf[: e - s]
-        if b is None:
-            torch.mm(xc, wt, out=z)
-        else:
-            torch.addmm(b, xc, wt, out=z)
+
+    def row_pass(z, s, e):
         sc = scale[s:e] if scale is not None and scale.numel() > 1 else scale
         rows(z, t[s:e], loss[s:e], lse[s:e], sc, ignore_index=ignore_index,
              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, write_grad=write_grad)
-        if need_gx:
-            torch.mm(z, w, out=gx[s:e])
-        if need_gw:
-            _add_weight_grad(gw, z, xc, first=s == 0)
-        if need_gb:
-            gb.add_(z.sum(0, dtype=acc))
-    return loss, lse, gx, gw, gb
+
+    gx, gw, gb = run_chunks(x, w, b, row_pass, chunk=chunk, need_gx=need_gx, need_gw=need_gw,
+                            need_gb=need_gb)
+    gx = scatter_rows(idx, N, gx) if need_gx else gx
+    return scatter_rows(idx, N, loss), scatter_rows(idx, N, lse), gx, gw, gb
 
 
 # ---- torch custom ops: opaque to torch.compile, with fake (meta) implementations and autograd ----
@@ -114,7 +62,7 @@ def _lce_fwd(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     """Returns (loss, lse, grad_input, grad_weight, grad_bias); the gradients are those of the
     reduced loss with grad_output = 1 (empty for ``none``, whose backward recomputes)."""
     checks.targets_in_range(OP, target, weight.shape[0], ignore_index)
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     scale = None
     if reduction == "mean":
         n_valid = (target != ignore_index).sum().clamp(min=1)
@@ -137,7 +85,7 @@ def _(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softca
       backend, chunk, need_gx, need_gw, need_gb):
     N, H = input.shape
     V = weight.shape[0]
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     grads = reduction != "none"
     loss = input.new_empty(N) if reduction == "none" else input.new_empty(())
     lse = input.new_empty(N, dtype=torch.float32)
@@ -157,7 +105,7 @@ def _lce_bwd(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     _, _, gx, gw, gb = _chunked(
         input, weight, target, bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
         z_loss=z_loss, softcap=softcap, backend=backend, chunk=chunk,
-        scale=grad_loss.to(_acc_dtype(input.dtype)).contiguous(), need_gx=need_gx, need_gw=need_gw,
+        scale=grad_loss.to(acc_dtype(input.dtype)).contiguous(), need_gx=need_gx, need_gw=need_gw,
         need_gb=need_gb)
     return gx, gw, gb
 
@@ -167,7 +115,7 @@ def _(input, weight, target, bias, grad_loss, ignore_index, label_smoothing, z_l
       backend, chunk, need_gx, need_gw, need_gb):
     N, H = input.shape
     V = weight.shape[0]
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     return (input.new_empty(N, H) if need_gx else input.new_empty(0),
             input.new_empty(V, H, dtype=acc) if need_gw else input.new_empty(0),
             input.new_empty(V, dtype=acc) if need_gb else input.new_empty(0))
@@ -223,19 +171,6 @@ _lce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- public API ----
 
-# Under torch.compile these run once at trace time and their results are baked into the graph
-# (no graph break): a backend or chunk budget changed later applies to new compilations.
-@torch.compiler.assume_constant_result
-def _resolve(device: torch.device, dtype: torch.dtype) -> str:
-    return dispatch.resolve(device, dtype)
-
-
-@torch.compiler.assume_constant_result
-def _chunk_rows(vocab: int, itemsize: int) -> int:
-    """Rows per chunk; capped by N inside the op (keeps N out of a traced constant)."""
-    return chunking.chunk_rows(1 << 62, vocab, itemsize)
-
-
 def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
                          bias: torch.Tensor | None = None, ignore_index: int = -100,
                          label_smoothing: float = 0.0, z_loss: float = 0.0,
@@ -263,38 +198,14 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
         >>> y = torch.randint(0, 1000, (8,))
         >>> linear_cross_entropy(x, w, y).backward()
     """
-    checks.tensor(OP, "input", input, min_ndim=1, dtypes=checks.FLOAT_DTYPES)
-    checks.tensor(OP, "weight", weight, ndim=2)
-    checks.tensor(OP, "target", target, dtypes=(torch.int64,))
-    checks.same_device(OP, "input", input, weight=weight, target=target, bias=bias)
-    if weight.dtype != input.dtype:
-        raise TypeError(f"{OP}: 'weight' has dtype {weight.dtype} but 'input' has {input.dtype}; "
-                        "cast one (under autocast, cast the weight to the activations' dtype)")
-    H = input.shape[-1]
-    if weight.shape[1] != H:
-        raise ValueError(f"{OP}: 'weight' must be (V, {H}) to match input's last dim {H}, got {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError(f"{OP}: 'weight' has V = 0 classes")
-    if target.shape != input.shape[:-1]:
-        raise ValueError(f"{OP}: 'target' must have shape {tuple(input.shape[:-1])} (input without its "
-                         f"last dim), got {tuple(target.shape)}")
-    if bias is not None:
-        checks.tensor(OP, "bias", bias, ndim=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{OP}: 'bias' must have length V = {weight.shape[0]}, got {bias.shape[0]}")
-        if bias.dtype != input.dtype:
-            raise TypeError(f"{OP}: 'bias' has dtype {bias.dtype} but 'input' has {input.dtype}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{OP}: 'ignore_index' must be an int, got {type(ignore_index).__name__}")
+    cap = checks.lm_head(OP, input, weight, target, bias, ignore_index, softcap)
     ls = checks.number(OP, "label_smoothing", label_smoothing, low=0.0, high=1.0)
     zl = checks.number(OP, "z_loss", z_loss, low=0.0)
-    cap = 0.0 if softcap is None else checks.number(OP, "softcap", softcap, low=0.0, low_open=True)
     checks.choice(OP, "reduction", reduction, REDUCTIONS)
 
-    backend = _resolve(input.device, input.dtype)
-    x = input.reshape(-1, H)
+    backend, chunk = head_plan(input, weight)
+    x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1)
-    chunk = _chunk_rows(weight.shape[0], input.element_size())
     grad_on = torch.is_grad_enabled()
     need = [grad_on and p is not None and p.requires_grad for p in (input, weight, bias)]
     loss = _lce_fwd(x, weight, t, bias, ignore_index, ls, zl, cap, reduction, backend, chunk, *need)[0]
