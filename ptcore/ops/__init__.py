@@ -3,9 +3,11 @@ from ptcore.ops.advantages import gae, group_advantages
 from ptcore.ops.chunking import chunk_budget
 from ptcore.ops.cross_entropy import linear_cross_entropy
 from ptcore.ops.dispatch import BACKENDS, BackendUnavailable, use_backend
+from ptcore.ops.fused_losses import linear_dpo_loss, linear_policy_loss
 from ptcore.ops.logprobs import linear_logprobs
 from ptcore.ops.policy import kl_penalty, policy_loss
 from ptcore.ops.preference import dpo_loss
 
 __all__ = ["BACKENDS", "BackendUnavailable", "chunk_budget", "dpo_loss", "gae", "group_advantages",
-           "kl_penalty", "linear_cross_entropy", "linear_logprobs", "policy_loss", "use_backend"]
+           "kl_penalty", "linear_cross_entropy", "linear_dpo_loss", "linear_logprobs", "linear_policy_loss",
+           "policy_loss", "use_backend"]

@@ -46,7 +46,7 @@ def _add_weight_grad(gw: torch.Tensor, g: torch.Tensor, x: torch.Tensor, first: 
 def run_chunks(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                row_pass: Callable[[torch.Tensor, int, int], None], *, chunk: int,
                need_gx: bool = False, need_gw: bool = False, need_gb: bool = False,
-               fixed_shape: bool = False):
+               fixed_shape: bool = False, bounds: list[tuple[int, int]] | None = None):
     """Runs the loop; ``row_pass(z, start, end)`` gets the logits of rows [start, end) and must
     overwrite them with dL/dlogits when any gradient is needed. Returns (gx, gw, gb), each empty
     where not needed.
@@ -54,6 +54,8 @@ def run_chunks(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     ``fixed_shape``: every logits GEMM has exactly ``chunk`` rows (the last chunk is zero-padded),
     so that a row's results do not depend on how many rows share its batch (BLAS kernels may pick
     a different reduction order for a different M).
+    ``bounds``: explicit (start, end) row ranges instead of equal chunks (the fused losses keep
+    whole sequences together); the buffer is sized for the largest.
     """
     N, H = x.shape
     V = w.shape[0]
@@ -64,14 +66,20 @@ def run_chunks(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     gb = torch.zeros(V, dtype=acc, device=x.device) if need_gb else x.new_empty(0)
     if N == 0:
         return gx, gw.zero_(), gb
-    rows = chunk if fixed_shape else min(chunk, N)
+    if bounds is None:
+        bounds = [(s, min(s + chunk, N)) for s in range(0, N, chunk)]
+    elif fixed_shape:
+        raise ValueError("run_chunks: 'fixed_shape' takes equal chunks, not 'bounds'")
+    rows = chunk if fixed_shape else max(e - s for s, e in bounds)
     buf = torch.empty(rows, V, dtype=x.dtype, device=x.device)
     stage = torch.zeros(rows, H, dtype=x.dtype, device=x.device) if fixed_shape else None
     gx_stage = torch.empty(rows, H, dtype=x.dtype, device=x.device) if fixed_shape and need_gx else None
     wt = w.t()
-    for s in range(0, N, chunk):
-        e = min(s + chunk, N)
+    first = True
+    for s, e in bounds:
         n = e - s
+        if n == 0:
+            continue
         if fixed_shape:
             stage[:n].copy_(x[s:e])
             stage[n:].zero_()
@@ -94,9 +102,12 @@ def run_chunks(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
             else:
                 torch.mm(z, w, out=gx[s:e])
         if need_gw:
-            _add_weight_grad(gw, z, xc, first=s == 0)
+            _add_weight_grad(gw, z, xc, first=first)
+        first = False
         if need_gb:
             gb.add_(z.sum(0, dtype=acc))
+    if first and need_gw:  # no chunk had a row
+        gw.zero_()
     return gx, gw, gb
 
 

@@ -94,6 +94,16 @@ def _normalizer(value, default, acc, device):
     return torch.where(value == 0, torch.ones_like(value), value)
 
 
+def default_normalizer(loss_type: str, mask: torch.Tensor):
+    """The aggregation's denominator of one whole batch: its completion tokens (token-mean), its
+    sequences (seq-mean-token-mean) or ``B * T`` (dr_grpo). Pass the value for the whole
+    optimizer step as ``normalizer`` when the batch is split."""
+    agg = AGGREGATION[loss_type]
+    if agg == "token-mean":
+        return (mask if mask.dtype == torch.bool else mask != 0).sum()
+    return mask.shape[0] if agg == "seq-mean-token-mean" else mask.shape[0] * mask.shape[1]
+
+
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, *, ref_logps: Optional[torch.Tensor] = None,
                 beta: float = 0.0, kl_estimator: str = "k3", epsilon_low: float = 0.2,
@@ -187,14 +197,11 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
             per_token = per_token + beta * kl
     per_token = torch.where(m, per_token, zero)
 
-    agg = AGGREGATION[loss_type]
-    if agg == "token-mean":
-        loss = per_token.sum() / _normalizer(normalizer, mf.sum(), acc, logps.device)
-    elif agg == "seq-mean-token-mean":
-        per_seq = per_token.sum(-1) / mf.sum(-1).clamp(min=1)
-        loss = per_seq.sum() / _normalizer(normalizer, B, acc, logps.device)
+    denom = _normalizer(normalizer, default_normalizer(loss_type, m), acc, logps.device)
+    if AGGREGATION[loss_type] == "seq-mean-token-mean":
+        loss = (per_token.sum(-1) / mf.sum(-1).clamp(min=1)).sum() / denom
     else:
-        loss = per_token.sum() / _normalizer(normalizer, B * T, acc, logps.device)
+        loss = per_token.sum() / denom
 
     with torch.no_grad():
         n_tok = mf.sum().clamp(min=1)

@@ -1,0 +1,350 @@
+"""RL losses straight from hidden states: the [N, V] logits never exist, and the work is 6NHV.
+
+Per chunk of whole sequences (a loss needs a sequence's every token: GSPO's ratio, DPO's sums):
+the logits GEMM, the stats pass (log-probs, entropy), the loss of those sequences -- its share of
+the batch loss, with the batch's global normalizer -- and, by autograd on those few numbers, the
+per-token gradients; then the gradient pass over the same logits and the two gradient GEMMs. The
+gradients are thus known in the forward; the backward scales them by grad_output (as the fused
+cross-entropy does). The loss algebra is that of policy.py and preference.py, so fused and
+unfused agree by construction.
+"""
+import contextlib
+from typing import Optional
+
+import torch
+
+from ptcore.ops import checks
+from ptcore.ops.chunked import acc_dtype, head_plan, run_chunks
+from ptcore.ops.policy import PolicyLossOutput, default_normalizer, policy_loss
+from ptcore.ops.preference import PreferenceLossOutput, dpo_loss
+from ptcore.ops.rows import LOGPROB_GRAD, LOGPROB_STATS
+
+
+@contextlib.contextmanager
+def _autograd_enabled():
+    """A custom op's implementation runs below autograd (the dispatcher excludes its keys); the
+    per-chunk loss gradients need autograd on a few small tensors, so lift that exclusion here."""
+    guard = getattr(torch._C, "_ForceDispatchKeyGuard", None)
+    ctx = (guard(torch._C._dispatch_tls_local_include_set(), torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined))
+           if guard is not None else contextlib.nullcontext())
+    with ctx, torch.enable_grad():
+        yield
+
+
+def fused_sequence_loss(x, w, b, t, groups, loss_fn, *, ignore_index, softcap, temperature,
+                        backend, need, want_entropy):
+    """x ``[S, T, H]``, t ``[S, T]`` (ignore_index where no log-prob is wanted), groups: a list of
+    sequence-id tensors, each processed as one chunk; ``loss_fn(seq_ids, logp, entropy)`` gets that
+    chunk's ``[k, T]`` log-probs (and entropy) and returns its share of the batch loss.
+    Returns (loss, logp [S, T], entropy [S, T] or None, gx [S, T, H], gw, gb)."""
+    S, T, H = x.shape
+    acc = acc_dtype(x.dtype)
+    x_flat, t_flat = x.reshape(-1, H), t.reshape(-1)
+    positions = torch.arange(T, device=x.device)
+    orders, bounds, start = [], [], 0
+    for seq_ids in groups:
+        rows = (seq_ids[:, None] * T + positions).reshape(-1)
+        if x.device.type == "cpu":  # ignored rows cost no GEMM work (a host decision: CPU only)
+            rows = rows[t_flat.index_select(0, rows) != ignore_index]
+        orders.append(rows)
+        bounds.append((start, start + rows.numel()))
+        start += rows.numel()
+    order = torch.cat(orders) if orders else torch.zeros(0, dtype=torch.long, device=x.device)
+    xs, ts = x_flat.index_select(0, order), t_flat.index_select(0, order)
+    logp_all = torch.zeros(S * T, dtype=acc, device=x.device)
+    ent_all = torch.zeros(S * T, dtype=acc, device=x.device) if want_entropy else None
+    total = torch.zeros((), dtype=acc, device=x.device)
+    group_at = {s: g for g, (s, _) in enumerate(bounds)}
+    opts = dict(ignore_index=ignore_index, softcap=softcap, temperature=temperature)
+    grads = any(need)
+
+    def row_pass(z, s, e):
+        nonlocal total
+        seq_ids, rows, n = groups[group_at[s]], order[s:e], e - s
+        lp, lse, mu = (torch.empty(n, dtype=acc, device=x.device) for _ in range(3))
+        ent = torch.empty(n, dtype=acc, device=x.device) if want_entropy else None
+        LOGPROB_STATS[backend](z, ts[s:e], lp, ent, lse, mu, **opts)
+        logp_all[rows] = lp
+        if ent is not None:
+            ent_all[rows] = ent
+        lut = torch.full((S,), -1, dtype=torch.long, device=x.device)
+        lut[seq_ids] = torch.arange(seq_ids.numel(), device=x.device)
+        where = (lut[rows // T], rows % T)
+        dense = lambda v: torch.zeros(seq_ids.numel(), T, dtype=acc, device=x.device).index_put(where, v)
+        with _autograd_enabled() if grads else torch.no_grad():
+            leaves = [v.detach().requires_grad_(grads) if v is not None else None for v in (lp, ent)]
+            share = loss_fn(seq_ids, dense(leaves[0]), None if ent is None else dense(leaves[1]))
+            if grads:
+                used = [v for v in leaves if v is not None]
+                g = list(torch.autograd.grad(share, used, allow_unused=True)) + [None]
+        total = total + share.detach()
+        if grads:
+            LOGPROB_GRAD[backend](z, ts[s:e], lse, mu, g[0], g[1] if ent is not None else None, **opts)
+
+    gx, gw, gb = run_chunks(xs, w, b, row_pass, chunk=1, bounds=bounds, need_gx=need[0],
+                            need_gw=need[1], need_gb=need[2])
+    if need[0]:
+        gx = torch.zeros(S * T, H, dtype=x.dtype, device=x.device).index_copy_(0, order, gx).reshape(S, T, H)
+    return (total, logp_all.reshape(S, T), None if ent_all is None else ent_all.reshape(S, T),
+            gx, gw, gb)
+
+
+def _sequence_groups(num, rows_per_seq, chunk_rows, device, pair_offset=None):
+    """Consecutive sequence ranges of about ``chunk_rows`` rows (at least one sequence or pair);
+    with ``pair_offset`` each group also takes the partner ``i + pair_offset`` of every ``i``."""
+    per = max(1, chunk_rows // (rows_per_seq * (2 if pair_offset else 1)))
+    groups = []
+    for i in range(0, num, per):
+        ids = torch.arange(i, min(i + per, num), device=device)
+        groups.append(torch.cat([ids, ids + pair_offset]) if pair_offset else ids)
+    return groups
+
+
+class _StoredGradients:
+    """Autograd for ops whose forward already computed d(loss)/d(input, weight, bias): the first
+    backward scales them in place by grad_output; another backward through the same graph
+    (retain_graph) reruns the forward for fresh ones."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output, rerun):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.stored = output[-3:]
+        ctx.inputs = inputs
+        ctx.rerun = rerun
+
+    @staticmethod
+    def backward(ctx, grad_loss, n_inputs, slots):
+        """``slots``: positions of (input, weight, bias) among the op's inputs."""
+        out = [None] * n_inputs
+        if grad_loss is None:
+            return tuple(out)
+        stored, ctx.stored = ctx.stored, None
+        if stored is None:
+            stored = ctx.rerun(*ctx.inputs)[-3:]
+        for slot, g in zip(slots, stored):
+            if ctx.needs_input_grad[slot]:
+                out[slot] = g.mul_(grad_loss.to(g.dtype))
+        return tuple(out)
+
+
+# ---- policy-gradient family ----
+
+@torch.library.custom_op("ptcore::linear_policy_loss", mutates_args=())
+def _policy_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+               old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+               bias: Optional[torch.Tensor], ref_logps: Optional[torch.Tensor],
+               normalizer: torch.Tensor, temperature: float, softcap: float, ignore_index: int,
+               beta: float, kl_estimator: str, epsilon_low: float, epsilon_high: float,
+               dual_clip: float, importance_sampling_level: str, loss_type: str, cispo_max: float,
+               backend: str, chunk: int, need_gx: bool, need_gw: bool,
+               need_gb: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                       torch.Tensor, torch.Tensor]:
+    """(loss, logp [B, T], entropy [B, T], grad_hidden, grad_weight, grad_bias)."""
+    B, T = target.shape
+    checks.targets_in_range("linear_policy_loss", target, weight.shape[0], ignore_index)
+    m = mask if mask.dtype == torch.bool else mask != 0
+    t = torch.where(m, target, torch.full_like(target, ignore_index))
+    opts = dict(ref_logps=None, beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low,
+                epsilon_high=epsilon_high, dual_clip=dual_clip or None,
+                importance_sampling_level=importance_sampling_level, loss_type=loss_type,
+                normalizer=normalizer, cispo_max=cispo_max or None)
+
+    def loss_fn(seq_ids, logp, entropy):
+        sel = lambda v: None if v is None else v.index_select(0, seq_ids)
+        return policy_loss(logp, sel(old_logps), sel(advantages), sel(m),
+                           **{**opts, "ref_logps": sel(ref_logps)}).loss
+
+    groups = _sequence_groups(B, T, chunk, hidden.device)
+    loss, logp, ent, gx, gw, gb = fused_sequence_loss(
+        hidden, weight, bias, t, groups, loss_fn, ignore_index=ignore_index, softcap=softcap,
+        temperature=temperature, backend=backend, need=(need_gx, need_gw, need_gb), want_entropy=True)
+    return loss, logp, ent, gx, gw, gb
+
+
+@_policy_op.register_fake
+def _(hidden, weight, target, old_logps, advantages, mask, bias, ref_logps, normalizer, *args):
+    need_gx, need_gw, need_gb = args[-3:]
+    acc = acc_dtype(hidden.dtype)
+    (V, H), (B, T) = weight.shape, target.shape
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty(B, T, dtype=acc),
+            hidden.new_empty(B, T, dtype=acc),
+            hidden.new_empty(B, T, H) if need_gx else hidden.new_empty(0),
+            hidden.new_empty(V, H, dtype=acc) if need_gw else hidden.new_empty(0),
+            hidden.new_empty(V, dtype=acc) if need_gb else hidden.new_empty(0))
+
+
+_policy_op.register_autograd(
+    lambda ctx, g, *_: _StoredGradients.backward(ctx, g, 25, (0, 1, 6)),
+    setup_context=lambda ctx, inputs, output: _StoredGradients.setup_context(ctx, inputs, output, _policy_op))
+
+
+def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                       old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                       bias: Optional[torch.Tensor] = None, ref_logps: Optional[torch.Tensor] = None,
+                       temperature: float = 1.0, softcap: Optional[float] = None,
+                       ignore_index: int = -100, beta: float = 0.0, kl_estimator: str = "k3",
+                       epsilon_low: float = 0.2, epsilon_high: Optional[float] = None,
+                       dual_clip: Optional[float] = None, importance_sampling_level: str = "token",
+                       loss_type: str = "dapo", normalizer=None,
+                       cispo_max: Optional[float] = None) -> PolicyLossOutput:
+    """GRPO / PPO-family loss (:func:`ptcore.ops.policy_loss`) computed from the last hidden states:
+    ``logps`` are ``log softmax(softcap(hidden @ weight.T + bias) / temperature)[target]`` over the
+    completion tokens (``mask``), fused so that the logits never exist.
+
+    Args:
+        hidden: ``[B, T, H]``; weight ``[V, H]``; target ``[B, T]`` next-token ids (ignored where
+            ``mask`` is 0); old_logps, mask, ref_logps: ``[B, T]``; advantages ``[B]`` or ``[B, T]``.
+        The other options are :func:`policy_loss`'s; ``normalizer`` defaults to this batch's.
+
+    Returns ``PolicyLossOutput(loss, metrics)``; metrics add ``entropy`` (at no extra pass).
+
+    Example:
+        >>> h = torch.randn(2, 6, 16, requires_grad=True); W = torch.randn(50, 16)
+        >>> y = torch.randint(0, 50, (2, 6)); mask = torch.zeros(2, 6); mask[:, 3:] = 1
+        >>> out = linear_policy_loss(h, W, y, torch.zeros(2, 6) - 4, torch.tensor([1.0, -1.0]), mask)
+        >>> out.loss.backward()
+    """
+    op = "linear_policy_loss"
+    checks.tensor(op, "hidden", hidden, ndim=3)
+    cap = checks.lm_head(op, hidden, weight, target, bias, ignore_index, softcap)
+    temp = checks.number(op, "temperature", temperature, low=0.0, low_open=True)
+    # policy_loss validates the rest of the options and the shapes of the log-prob tensors.
+    policy_loss(old_logps.detach(), old_logps, advantages, mask, ref_logps=ref_logps,
+                        beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low,
+                        epsilon_high=epsilon_high, dual_clip=dual_clip,
+                        importance_sampling_level=importance_sampling_level, loss_type=loss_type,
+                        normalizer=normalizer, cispo_max=cispo_max)
+    if target.shape != mask.shape:
+        raise ValueError(f"{op}: 'target' must have the shape of 'mask' {tuple(mask.shape)}, got {tuple(target.shape)}")
+    if normalizer is None:
+        normalizer = default_normalizer(loss_type, mask)
+    acc = acc_dtype(hidden.dtype)
+    norm = torch.as_tensor(normalizer, dtype=acc, device=hidden.device).reshape(())
+    backend, chunk = head_plan(hidden, weight)
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and p is not None and p.requires_grad for p in (hidden, weight, bias)]
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    loss, logp, ent, *_ = _policy_op(
+        hidden, weight, target, old_logps, advantages, mask, bias, ref_logps, norm, temp, cap,
+        ignore_index, float(beta), kl_estimator, float(epsilon_low), float(eps_high),
+        float(dual_clip or 0.0), importance_sampling_level, loss_type, float(cispo_max or 0.0),
+        backend, chunk, *need)
+    metrics = policy_loss(logp, old_logps, advantages, mask, ref_logps=ref_logps, beta=beta,
+                          kl_estimator=kl_estimator, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                          dual_clip=dual_clip, importance_sampling_level=importance_sampling_level,
+                          loss_type=loss_type, normalizer=norm, entropy=ent, cispo_max=cispo_max).metrics
+    return PolicyLossOutput(loss, metrics)
+
+
+# ---- preference (DPO) family ----
+
+@torch.library.custom_op("ptcore::linear_dpo_loss", mutates_args=())
+def _dpo_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+            bias: Optional[torch.Tensor], ref_chosen_logps: Optional[torch.Tensor],
+            ref_rejected_logps: Optional[torch.Tensor], beta: float, loss_types: str,
+            loss_weights: list[float], label_smoothing: float, gamma: float, orpo_lambda: float,
+            temperature: float, softcap: float, ignore_index: int, backend: str, chunk: int,
+            need_gx: bool, need_gw: bool, need_gb: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor]:
+    """hidden ``[2B, T, H]`` (chosen then rejected); loss_types comma-separated (the schema has no
+    list of strings). Returns (loss, sequence log-probs [2B], grad_hidden, grad_weight, grad_bias)."""
+    S, T = target.shape
+    B = S // 2
+    checks.targets_in_range("linear_dpo_loss", target, weight.shape[0], ignore_index)
+    lengths = (target != ignore_index).sum(-1)
+    opts = dict(beta=beta, loss_type=loss_types.split(","), loss_weights=list(loss_weights),
+                label_smoothing=label_smoothing, gamma=gamma, orpo_lambda=orpo_lambda)
+
+    def loss_fn(seq_ids, logp, entropy):
+        k = seq_ids.numel() // 2
+        pairs = seq_ids[:k]
+        sel = lambda v: None if v is None else v.index_select(0, pairs)
+        seq = logp.sum(-1)
+        out = dpo_loss(seq[:k], seq[k:], sel(ref_chosen_logps), sel(ref_rejected_logps),
+                       chosen_lengths=sel(lengths), rejected_lengths=lengths.index_select(0, seq_ids[k:]),
+                       **opts)
+        return out.loss * (k / B)  # this chunk's share of the mean over pairs
+
+    groups = _sequence_groups(B, T, chunk, hidden.device, pair_offset=B)
+    loss, logp, _, gx, gw, gb = fused_sequence_loss(
+        hidden, weight, bias, target, groups, loss_fn, ignore_index=ignore_index, softcap=softcap,
+        temperature=temperature, backend=backend, need=(need_gx, need_gw, need_gb), want_entropy=False)
+    return loss, logp.sum(-1), gx, gw, gb
+
+
+@_dpo_op.register_fake
+def _(hidden, weight, target, *args):
+    need_gx, need_gw, need_gb = args[-3:]
+    acc = acc_dtype(hidden.dtype)
+    (V, H), (S, T) = weight.shape, target.shape
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty(S, dtype=acc),
+            hidden.new_empty(S, T, H) if need_gx else hidden.new_empty(0),
+            hidden.new_empty(V, H, dtype=acc) if need_gw else hidden.new_empty(0),
+            hidden.new_empty(V, dtype=acc) if need_gb else hidden.new_empty(0))
+
+
+_dpo_op.register_autograd(
+    lambda ctx, g, *_: _StoredGradients.backward(ctx, g, 20, (0, 1, 3)),
+    setup_context=lambda ctx, inputs, output: _StoredGradients.setup_context(ctx, inputs, output, _dpo_op))
+
+
+def linear_dpo_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, weight: torch.Tensor,
+                    chosen_target: torch.Tensor, rejected_target: torch.Tensor,
+                    ref_chosen_logps: Optional[torch.Tensor] = None,
+                    ref_rejected_logps: Optional[torch.Tensor] = None, *,
+                    bias: Optional[torch.Tensor] = None, beta: float = 0.1, loss_type="sigmoid",
+                    label_smoothing: float = 0.0, gamma: float = 0.5, orpo_lambda: float = 1.0,
+                    loss_weights=None, temperature: float = 1.0, softcap: Optional[float] = None,
+                    ignore_index: int = -100) -> PreferenceLossOutput:
+    """DPO-family loss (:func:`ptcore.ops.dpo_loss`) from the last hidden states of the chosen and
+    rejected sequences; their sequence log-probs are the sums of the token log-probs over the
+    targets that are not ``ignore_index`` (the completions), and the logits never exist.
+
+    Args:
+        chosen_hidden, rejected_hidden: ``[B, T, H]`` (T may differ between the two);
+        chosen_target, rejected_target: ``[B, T]`` with ``ignore_index`` outside the completions;
+        ref_*_logps: ``[B]`` sequence log-probs of the reference (not needed for simpo / orpo).
+        The other options are :func:`dpo_loss`'s (lengths are the completion token counts).
+
+    Example:
+        >>> hc, hr = torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 16, requires_grad=True)
+        >>> W = torch.randn(40, 16); yc, yr = torch.randint(0, 40, (2, 5)), torch.randint(0, 40, (2, 5))
+        >>> out = linear_dpo_loss(hc, hr, W, yc, yr, torch.zeros(2) - 20, torch.zeros(2) - 20)
+        >>> out.loss.backward()
+    """
+    op = "linear_dpo_loss"
+    checks.tensor(op, "chosen_hidden", chosen_hidden, ndim=3)
+    checks.tensor(op, "rejected_hidden", rejected_hidden, ndim=3)
+    if rejected_hidden.shape[0] != chosen_hidden.shape[0]:
+        raise ValueError(f"{op}: 'rejected_hidden' has {rejected_hidden.shape[0]} sequences but "
+                         f"'chosen_hidden' has {chosen_hidden.shape[0]}")
+    cap = checks.lm_head(op, chosen_hidden, weight, chosen_target, bias, ignore_index, softcap)
+    checks.lm_head(op, rejected_hidden, weight, rejected_target, bias, ignore_index, softcap)
+    temp = checks.number(op, "temperature", temperature, low=0.0, low_open=True)
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(types) if loss_weights is None else [float(v) for v in loss_weights]
+    B = chosen_hidden.shape[0]
+    # dpo_loss validates the options and the reference shapes on a stand-in batch.
+    stand_in = chosen_hidden.new_zeros(B, dtype=acc_dtype(chosen_hidden.dtype))
+    ones = torch.ones(B, dtype=torch.long, device=chosen_hidden.device)
+    dpo_loss(stand_in, stand_in, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
+             label_smoothing=label_smoothing, chosen_lengths=ones, rejected_lengths=ones, gamma=gamma,
+             orpo_lambda=orpo_lambda, loss_weights=loss_weights)
+    T = max(chosen_hidden.shape[1], rejected_hidden.shape[1])
+    pad = lambda h, fill: torch.nn.functional.pad(h, (0, 0, 0, T - h.shape[1]) if h.dim() == 3 else (0, T - h.shape[1]), value=fill)
+    hidden = torch.cat([pad(chosen_hidden, 0.0), pad(rejected_hidden, 0.0)])
+    target = torch.cat([pad(chosen_target, ignore_index), pad(rejected_target, ignore_index)])
+    backend, chunk = head_plan(hidden, weight)
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and p is not None and p.requires_grad for p in (hidden, weight, bias)]
+    loss, seq_logps, *_ = _dpo_op(hidden, weight, target, bias, ref_chosen_logps, ref_rejected_logps,
+                                  float(beta), ",".join(types), weights, float(label_smoothing), float(gamma),
+                                  float(orpo_lambda), temp, cap, ignore_index, backend, chunk, *need)
+    lengths = (target != ignore_index).sum(-1)
+    full = dpo_loss(seq_logps[:B], seq_logps[B:], ref_chosen_logps, ref_rejected_logps, beta=beta,
+                    loss_type=loss_type, label_smoothing=label_smoothing, chosen_lengths=lengths[:B],
+                    rejected_lengths=lengths[B:], gamma=gamma, orpo_lambda=orpo_lambda,
+                    loss_weights=loss_weights)
+    return PreferenceLossOutput(loss, full.chosen_rewards, full.rejected_rewards, full.metrics)
