@@ -209,14 +209,16 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
     checks.tensor(op, "hidden", hidden, ndim=3)
     cap = checks.lm_head(op, hidden, weight, target, bias, ignore_index, softcap)
     temp = checks.number(op, "temperature", temperature, low=0.0, low_open=True)
-    # policy_loss validates the rest of the options and the shapes of the log-prob tensors.
+    for name, value in (("mask", mask), ("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if value is not None and (not isinstance(value, torch.Tensor) or value.shape != target.shape):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{op}: '{name}' must have the shape of 'target' {tuple(target.shape)}, got {got}")
+    # policy_loss validates the options and the advantages on a stand-in batch.
     policy_loss(old_logps.detach(), old_logps, advantages, mask, ref_logps=ref_logps,
                         beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low,
                         epsilon_high=epsilon_high, dual_clip=dual_clip,
                         importance_sampling_level=importance_sampling_level, loss_type=loss_type,
                         normalizer=normalizer, cispo_max=cispo_max)
-    if target.shape != mask.shape:
-        raise ValueError(f"{op}: 'target' must have the shape of 'mask' {tuple(mask.shape)}, got {tuple(target.shape)}")
     if normalizer is None:
         normalizer = default_normalizer(loss_type, mask)
     acc = acc_dtype(hidden.dtype)

@@ -1,0 +1,161 @@
+"""The fused RL losses equal the unfused composition (full logits in float64 -> log-probs ->
+loss), in values and gradients, and keep the invariances trainers rely on."""
+import pytest
+import torch
+
+import ptcore
+from ptcore.ops import dpo_loss, linear_dpo_loss, linear_policy_loss, policy_loss
+from tests.conftest import cpu_backends
+from tests.reference import rel_err
+
+BACKENDS = cpu_backends()
+POLICY_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "pg"]
+
+
+def token_logps(h, w, y, b=None, temperature=1.0, softcap=None):
+    """Unfused float64 reference: full logits -> log_softmax -> gather."""
+    z = torch.nn.functional.linear(h.double(), w.double(), None if b is None else b.double())
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logs = torch.log_softmax(z / temperature, -1)
+    valid = y != -100
+    lp = logs.gather(-1, torch.where(valid, y, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, lp, torch.zeros((), dtype=lp.dtype)), -(logs.exp() * logs).sum(-1)
+
+
+def policy_batch(B=4, T=7, H=16, V=101):
+    h = torch.randn(B, T, H)
+    w = torch.randn(V, H) * 0.3
+    b = torch.randn(V) * 0.1
+    y = torch.randint(0, V, (B, T))
+    mask = torch.zeros(B, T)
+    mask[:, 2:] = 1
+    mask[1, 5:] = 0
+    mask[3] = 0  # an all-masked sequence
+    old = torch.randn(B, T) * 0.3 - 4
+    return h, w, b, y, mask, old, torch.randn(B), old + 0.1 * torch.randn(B, T)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", POLICY_TYPES)
+def test_policy_fused_equals_unfused(backend, loss_type):
+    h, w, b, y, mask, old, adv, ref = policy_batch()
+    opts = dict(ref_logps=ref, beta=0.04, loss_type=loss_type, dual_clip=3.0 if loss_type == "dapo" else None,
+                epsilon_high=0.28)
+    params = [p.clone().requires_grad_() for p in (h, w, b)]
+    with ptcore.use_backend(backend), ptcore.chunk_budget(2 * 7 * 101 * 4):  # 2 sequences a chunk
+        out = linear_policy_loss(*params[:2], y, old, adv, mask, bias=params[2], temperature=0.9,
+                                 softcap=8.0, **opts)
+    grads = torch.autograd.grad(out.loss, params)
+    ref_params = [p.double().requires_grad_() for p in (h, w, b)]
+    lp, ent = token_logps(ref_params[0], ref_params[1], torch.where(mask.bool(), y, -100), ref_params[2],
+                          temperature=0.9, softcap=8.0)
+    expected = policy_loss(lp, old.double(), adv.double(), mask, **{**opts, "ref_logps": ref.double()},
+                           entropy=ent)
+    ref_grads = torch.autograd.grad(expected.loss, ref_params)
+    assert torch.isfinite(out.loss)
+    assert abs(float(out.loss) - float(expected.loss.detach())) <= 1e-5 * max(1.0, abs(float(expected.loss.detach())))
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) < 1e-5
+    for key, value in expected.metrics.items():
+        assert abs(float(out.metrics[key]) - float(value)) < 1e-5, key
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "gspo"])
+def test_policy_micro_batches_with_global_normalizer(loss_type):
+    """4 micro-batches with the whole step's normalizer accumulate the whole batch's gradient."""
+    h, w, b, y, mask, old, adv, _ = policy_batch(B=8)
+    from ptcore.ops.policy import default_normalizer
+    norm = default_normalizer(loss_type, mask)
+    whole = [p.clone().requires_grad_() for p in (h, w)]
+    full = linear_policy_loss(*whole, y, old, adv, mask, loss_type=loss_type)
+    full.loss.backward()
+    parts = [p.clone().requires_grad_() for p in (h, w)]
+    total = 0.0
+    for sl in (slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)):
+        out = linear_policy_loss(parts[0][sl], parts[1], y[sl], old[sl], adv[sl], mask[sl],
+                                 loss_type=loss_type, normalizer=norm)
+        out.loss.backward()
+        total += float(out.loss)
+    assert abs(total - float(full.loss)) < 1e-5
+    for a, c in zip(parts, whole):
+        assert rel_err(a.grad, c.grad) < 1e-5
+
+
+def test_policy_all_masked_is_finite():
+    h, w, b, y, mask, old, adv, _ = policy_batch()
+    mask.zero_()
+    hg = h.clone().requires_grad_()
+    out = linear_policy_loss(hg, w, y, old, adv, mask, loss_type="grpo")
+    out.loss.backward()
+    assert float(out.loss) == 0 and torch.all(hg.grad == 0)
+    assert all(torch.isfinite(v) for v in out.metrics.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "simpo", "orpo", ("sigmoid", "bco_pair")],
+                         ids=str)
+def test_dpo_fused_equals_unfused(backend, loss_type):
+    B, H, V = 3, 12, 97
+    hc, hr = torch.randn(B, 6, H), torch.randn(B, 8, H)  # chosen and rejected lengths differ
+    w = torch.randn(V, H) * 0.3
+    yc, yr = torch.randint(0, V, (B, 6)), torch.randint(0, V, (B, 8))
+    yc[:, :2] = -100
+    yr[:, :3] = -100
+    rc, rr = torch.randn(B) - 15, torch.randn(B) - 15
+    weights = [1.0, 0.5] if isinstance(loss_type, tuple) else None
+    opts = dict(beta=0.2, loss_type=list(loss_type) if isinstance(loss_type, tuple) else loss_type,
+                loss_weights=weights, label_smoothing=0.1 if loss_type == "sigmoid" else 0.0)
+    params = [p.clone().requires_grad_() for p in (hc, hr, w)]
+    with ptcore.use_backend(backend), ptcore.chunk_budget(2 * 8 * V * 4):  # one pair a chunk
+        out = linear_dpo_loss(*params, yc, yr, rc, rr, **opts)
+    grads = torch.autograd.grad(out.loss, params)
+    ref_params = [p.double().requires_grad_() for p in (hc, hr, w)]
+    lc = token_logps(ref_params[0], ref_params[2], yc)[0].sum(-1)
+    lr = token_logps(ref_params[1], ref_params[2], yr)[0].sum(-1)
+    expected = dpo_loss(lc, lr, rc.double(), rr.double(), chosen_lengths=(yc != -100).sum(-1),
+                        rejected_lengths=(yr != -100).sum(-1), **opts)
+    ref_grads = torch.autograd.grad(expected.loss, ref_params)
+    assert abs(float(out.loss) - float(expected.loss.detach())) <= 1e-5 * max(1.0, abs(float(expected.loss.detach())))
+    assert rel_err(out.chosen_rewards, expected.chosen_rewards) < 1e-5
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_second_backward_recomputes():
+    h, w, b, y, mask, old, adv, _ = policy_batch()
+    hg = h.clone().requires_grad_()
+    out = linear_policy_loss(hg, w, y, old, adv, mask, loss_type="grpo")
+    g1 = torch.autograd.grad(out.loss, hg, torch.tensor(2.0), retain_graph=True)[0]
+    g2 = torch.autograd.grad(out.loss, hg, torch.tensor(1.0))[0]
+    assert rel_err(g1, 2 * g2) < 1e-6
+
+
+def test_modules():
+    h, w, b, y, mask, old, adv, _ = policy_batch()
+    mod = ptcore.nn.LinearPolicyLoss(loss_type="grpo", epsilon_high=0.28)
+    out = mod(h, w, y, old, adv, mask)
+    assert torch.equal(out.loss, linear_policy_loss(h, w, y, old, adv, mask, loss_type="grpo",
+                                                    epsilon_high=0.28).loss)
+    dmod = ptcore.nn.LinearDPOLoss(beta=0.3)
+    yc = torch.randint(0, 101, (4, 7))
+    assert torch.isfinite(dmod(h, h.flip(0), w, yc, y, old.sum(-1), old.sum(-1)).loss)
+
+
+@pytest.mark.parametrize("call, exc, pattern", [
+    (lambda h, w, y, m, o, a: linear_policy_loss(h[0], w, y, o, a, m), ValueError, "'hidden' must be 3-D"),
+    (lambda h, w, y, m, o, a: linear_policy_loss(h, w, y, o[:, :3], a, m), ValueError, "'old_logps'"),
+    (lambda h, w, y, m, o, a: linear_policy_loss(h, w, y, o, a, m[:, :3]), ValueError, "'mask'"),
+    (lambda h, w, y, m, o, a: linear_policy_loss(h, w, y, o, a, m, loss_type="ppo2"), ValueError, "'loss_type'"),
+    (lambda h, w, y, m, o, a: linear_policy_loss(h, w, y, o, a, m, beta=-1.0), ValueError, "'beta'"),
+    (lambda h, w, y, m, o, a: linear_policy_loss(h, w[:, :3], y, o, a, m), ValueError, "'weight'"),
+    (lambda h, w, y, m, o, a: linear_dpo_loss(h, h, w, y, y, a, a, loss_type="kto"), ValueError, "'loss_type'"),
+    (lambda h, w, y, m, o, a: linear_dpo_loss(h, h, w, y, y, a, a, beta=-0.1), ValueError, "'beta'"),
+    (lambda h, w, y, m, o, a: linear_dpo_loss(h, h, w, y, y, a, a, label_smoothing=1.5), ValueError, "'label_smoothing'"),
+    (lambda h, w, y, m, o, a: linear_dpo_loss(h, h[:2], w, y, y[:2], a, a), ValueError, "'rejected_hidden'"),
+    (lambda h, w, y, m, o, a: linear_dpo_loss(h, h, w, y, y, a[:2], a), ValueError, "ref_chosen_logps"),
+])
+def test_bad_input(call, exc, pattern):
+    h, w, b, y, mask, old, adv, _ = policy_batch()
+    with pytest.raises(exc, match=pattern):
+        call(h, w, y, mask, old, adv)

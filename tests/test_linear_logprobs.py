@@ -1,0 +1,172 @@
+"""ptcore.ops.linear_logprobs on every backend here against float64 log_softmax + gather and the
+float64 entropy (tolerance rules: shared/reference/kernels.md section 2), and its invariances."""
+import pytest
+import torch
+
+import ptcore
+from ptcore.ops import linear_logprobs
+from tests.conftest import cpu_backends
+from tests.reference import rel_err
+
+BACKENDS = cpu_backends()
+
+
+def oracle(x, w, t, b=None, *, temperature=1.0, softcap=None, ignore_index=-100):
+    """In the inputs' own dtype: float64 for the oracle, bf16 for the naive baseline."""
+    z = torch.nn.functional.linear(x, w, b)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logs = torch.log_softmax(z / temperature, dim=-1)
+    valid = t != ignore_index
+    lp = logs.gather(-1, torch.where(valid, t, 0).unsqueeze(-1)).squeeze(-1)
+    ent = -(logs.exp() * logs).sum(-1)
+    zero = torch.zeros((), dtype=lp.dtype)
+    return torch.where(valid, lp, zero), torch.where(valid, ent, zero)
+
+
+def inputs(N, H, V, dtype=torch.float32, lead=None, bias=True, scale=2.0):
+    shape = lead or (N,)
+    x = torch.randn(*shape, H).to(dtype)
+    w = (torch.randn(V, H) * scale / H ** 0.5).to(dtype)
+    b = (torch.randn(V) * 0.1).to(dtype) if bias else None
+    t = torch.randint(0, V, shape)
+    t.view(-1)[::3] = -100  # prompt / padding rows
+    return x, w, t, b
+
+
+def run(backend, x, w, t, b, **opts):
+    params = [p.detach().clone().requires_grad_() for p in (x, w) + ((b,) if b is not None else ())]
+    with ptcore.use_backend(backend):
+        lp, ent = linear_logprobs(params[0], params[1], t, bias=params[2] if b is not None else None,
+                                  return_entropy=True, **opts)
+    g1, g2 = torch.randn_like(lp), torch.randn_like(ent)
+    grads = torch.autograd.grad((lp * g1).sum() + (ent * g2).sum(), params)
+    return lp, ent, grads, (g1, g2)
+
+
+def run_oracle(x, w, t, b, g, dtype=torch.float64, **opts):
+    params = [p.detach().to(dtype).requires_grad_() for p in (x, w) + ((b,) if b is not None else ())]
+    lp, ent = oracle(params[0], params[1], t, params[2] if b is not None else None, **opts)
+    grads = torch.autograd.grad((lp * g[0].to(dtype)).sum() + (ent * g[1].to(dtype)).sum(), params)
+    return lp, ent, grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opts", [dict(), dict(temperature=0.7), dict(softcap=5.0, temperature=1.3)],
+                         ids=["plain", "temperature", "softcap"])
+def test_fp32_against_float64(backend, opts):
+    shapes = [(5, 17, 3001), (2, 8, 3)] if backend == "triton" else [(1, 17, 50257), (40, 24, 32001), (9, 8, 3)]
+    for N, H, V in shapes:
+        x, w, t, b = inputs(N, H, V)
+        t[0] = int((x[0].double() @ w.double().T).argmax())  # a row whose target is the argmax
+        lp, ent, grads, g = run(backend, x, w, t, b, **opts)
+        rlp, rent, rgrads = run_oracle(x, w, t, b, g, **opts)
+        assert lp.dtype == torch.float32 and lp.shape == t.shape
+        assert rel_err(lp, rlp) < 1e-5 and rel_err(ent, rent) < 1e-5
+        for got, ref in zip(grads, rgrads):
+            assert rel_err(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if getattr(b, "values", (b,))[0] != "triton"])
+def test_bf16_criterion(backend):
+    """Error vs float64 <= naive bf16 PyTorch error + 1e-2 (relative)."""
+    x, w, t, b = inputs(48, 40, 5003, dtype=torch.bfloat16, lead=(4, 12))
+    lp, ent, grads, g = run(backend, x, w, t, b, temperature=0.8)
+    rlp, rent, rgrads = run_oracle(x, w, t, b, g, temperature=0.8)
+    nlp, nent, ngrads = run_oracle(x, w, t, b, g, dtype=torch.bfloat16, temperature=0.8)
+    assert rel_err(lp, rlp) <= rel_err(nlp, rlp) + 1e-2
+    assert rel_err(ent, rent) <= rel_err(nent, rent) + 1e-2
+    for got, ref, naive in zip(grads, rgrads, ngrads):
+        assert got.dtype == torch.bfloat16
+        assert rel_err(got, ref) <= rel_err(naive, ref) + 1e-2
+
+
+def test_triton_fp16():
+    why = ptcore.ops.dispatch.cannot_run("triton", torch.device("cpu"), torch.float16)
+    if why:
+        pytest.skip(f"backend triton: {why}")
+    x, w, t, b = inputs(6, 16, 257, dtype=torch.float16)
+    lp, ent, grads, g = run("triton", x, w, t, b, softcap=10.0)
+    rlp, rent, rgrads = run_oracle(x, w, t, b, g, softcap=10.0)
+    nlp, nent, ngrads = run_oracle(x, w, t, b, g, dtype=torch.float16, softcap=10.0)
+    assert rel_err(lp, rlp) <= rel_err(nlp, rlp) + 1e-2
+    for got, ref, naive in zip(grads, rgrads, ngrads):
+        assert rel_err(got, ref) <= rel_err(naive, ref) + 1e-2
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_gradcheck_float64(backend):
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1, -100, 10, 0, 3])
+
+    def f(x, w, b):
+        with ptcore.use_backend(backend), ptcore.chunk_budget(2 * 11 * 8):
+            lp, ent = linear_logprobs(x, w, t, bias=b, temperature=0.8, softcap=4.0, return_entropy=True)
+        return lp, ent
+
+    assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_rows_are_zero_and_only_logp_grad(backend):
+    x, w, t, b = inputs(9, 8, 50)
+    t[:] = -100
+    t[4] = 7
+    xg = x.clone().requires_grad_()
+    with ptcore.use_backend(backend):
+        lp = linear_logprobs(xg, w, t)
+    assert torch.all(lp[t == -100] == 0) and lp[4] < 0
+    lp.sum().backward()
+    assert torch.all(xg.grad[t == -100] == 0) and xg.grad[4].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_deterministic_rows_are_batch_invariant(backend):
+    """deterministic=True: a row's log-prob and entropy are bitwise the same whatever other rows
+    share the batch (permuted, padded with other rows) and whatever the chunk budget."""
+    N, H, V = 300, 64, 4001
+    x, w, t, _ = inputs(N, H, V, bias=False)
+
+    def lp_ent(x, t, budget=1 << 26):
+        with ptcore.use_backend(backend), ptcore.chunk_budget(budget):
+            return linear_logprobs(x, w, t, return_entropy=True, deterministic=True)
+
+    base_lp, base_ent = lp_ent(x, t)
+    perm = torch.randperm(N)
+    lp, ent = lp_ent(x[perm], t[perm])
+    assert torch.equal(lp, base_lp[perm]) and torch.equal(ent, base_ent[perm])
+    extra_x, extra_t = torch.randn(77, H), torch.randint(0, V, (77,))
+    lp, ent = lp_ent(torch.cat([extra_x, x]), torch.cat([extra_t, t]))
+    assert torch.equal(lp[77:], base_lp) and torch.equal(ent[77:], base_ent)
+    lp, ent = lp_ent(x[:5], t[:5], budget=V * 4 * 3)
+    assert torch.equal(lp, base_lp[:5]) and torch.equal(ent, base_ent[:5])
+
+
+def test_bad_input():
+    x, w, t, _ = inputs(4, 8, 10, bias=False)
+    with pytest.raises(ValueError, match="'temperature'"):
+        linear_logprobs(x, w, t, temperature=0.0)
+    with pytest.raises(ValueError, match="'target' must have shape"):
+        linear_logprobs(x, w, t[:2])
+    with pytest.raises(ValueError, match="'target' holds 10"):
+        linear_logprobs(x, w, torch.tensor([0, 1, 10, -100]))
+    with pytest.raises(TypeError, match="'weight' has dtype"):
+        linear_logprobs(x, w.double(), t)
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    x, w, t, b = inputs(6, 8, 40)
+    x.requires_grad_()
+
+    def f(x):
+        lp, ent = linear_logprobs(x, w, t, bias=b, temperature=0.9, return_entropy=True)
+        return lp.sum() + 0.1 * ent.sum()
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    g = torch.autograd.grad(out, x)[0]
+    ref = f(x)
+    assert torch.allclose(out, ref, rtol=1e-6)
+    assert torch.allclose(g, torch.autograd.grad(ref, x)[0], rtol=1e-5, atol=1e-7)
