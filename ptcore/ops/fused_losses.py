@@ -50,7 +50,10 @@ def fused_sequence_loss(x, w, b, t, groups, loss_fn, *, ignore_index, softcap, t
         bounds.append((start, start + rows.numel()))
         start += rows.numel()
     order = torch.cat(orders) if orders else torch.zeros(0, dtype=torch.long, device=x.device)
-    xs, ts = x_flat.index_select(0, order), t_flat.index_select(0, order)
+    # Rows already in order (nothing ignored, consecutive groups): use them in place, no copy.
+    in_place = order.numel() == S * T and bool((order == torch.arange(S * T, device=x.device)).all()) \
+        if x.device.type == "cpu" else False
+    xs, ts = (x_flat, t_flat) if in_place else (x_flat.index_select(0, order), t_flat.index_select(0, order))
     logp_all = torch.zeros(S * T, dtype=acc, device=x.device)
     ent_all = torch.zeros(S * T, dtype=acc, device=x.device) if want_entropy else None
     total = torch.zeros((), dtype=acc, device=x.device)
@@ -84,7 +87,9 @@ def fused_sequence_loss(x, w, b, t, groups, loss_fn, *, ignore_index, softcap, t
     gx, gw, gb = run_chunks(xs, w, b, row_pass, chunk=1, bounds=bounds, need_gx=need[0],
                             need_gw=need[1], need_gb=need[2])
     if need[0]:
-        gx = torch.zeros(S * T, H, dtype=x.dtype, device=x.device).index_copy_(0, order, gx).reshape(S, T, H)
+        if not in_place:
+            gx = torch.zeros(S * T, H, dtype=x.dtype, device=x.device).index_copy_(0, order, gx)
+        gx = gx.reshape(S, T, H)
     return (total, logp_all.reshape(S, T), None if ent_all is None else ent_all.reshape(S, T),
             gx, gw, gb)
 
