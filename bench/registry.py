@@ -20,6 +20,9 @@ from types import ModuleType
 
 BENCHMARKS = {
     "linear_cross_entropy": "bench.linear_ce",
+    "linear_logprobs": "bench.logprobs",
+    "linear_policy_loss": "bench.grpo",
+    "linear_dpo_loss": "bench.dpo",
 }
 
 

@@ -159,3 +159,33 @@ def test_bad_input(call, exc, pattern):
     h, w, b, y, mask, old, adv, _ = policy_batch()
     with pytest.raises(exc, match=pattern):
         call(h, w, y, mask, old, adv)
+
+
+def test_dpo_empty_completion_is_fine_for_sigmoid():
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.randn(30, 8)
+    y = torch.randint(0, 30, (2, 5))
+    y_empty = y.clone()
+    y_empty[1] = -100  # the second rejected completion is empty
+    out = linear_dpo_loss(h, h.detach() * 2, w, y, y_empty, torch.zeros(2), torch.zeros(2))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(h.grad).all()
+
+
+@pytest.mark.parametrize("which", ["policy", "dpo"])
+def test_compile_fullgraph(which):
+    """The fused losses are custom ops: torch.compile traces them with no graph break."""
+    torch._dynamo.reset()
+    h, w, b, y, mask, old, adv, _ = policy_batch(B=2, T=5, H=8, V=30)
+    h.requires_grad_()
+    if which == "policy":
+        def f(h):
+            return linear_policy_loss(torch.tanh(h), w, y, old, adv, mask, loss_type="grpo").loss
+    else:
+        def f(h):
+            return linear_dpo_loss(torch.tanh(h), h * 2, w, y, y.flip(0), adv, adv).loss
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(h)
+    g = torch.autograd.grad(out, h)[0]
+    ref = f(h)
+    assert torch.allclose(out, ref, rtol=1e-6)
+    assert torch.allclose(g, torch.autograd.grad(ref, h)[0], rtol=1e-5, atol=1e-7)

@@ -19,6 +19,18 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def empty_head_grads(hidden: torch.Tensor, weight: torch.Tensor, need_gx: bool, need_gw: bool,
+                     need_gb: bool):
+    """Uninitialized (grad_hidden, grad_weight, grad_bias) as the fused ops return them: the
+    hidden's shape and dtype, fp32/fp64 accumulators for weight and bias, empty where not needed
+    (the fake implementations that torch.compile traces with)."""
+    acc = acc_dtype(hidden.dtype)
+    V, H = weight.shape
+    return (hidden.new_empty(hidden.shape) if need_gx else hidden.new_empty(0),
+            hidden.new_empty(V, H, dtype=acc) if need_gw else hidden.new_empty(0),
+            hidden.new_empty(V, dtype=acc) if need_gb else hidden.new_empty(0))
+
+
 def valid_rows(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     """Indices of the rows to compute when some rows are ignored (they then cost no GEMM work),
     else None. A host decision, so CPU only: on CUDA it would synchronize."""

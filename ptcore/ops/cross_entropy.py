@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ptcore.ops import checks
-from ptcore.ops.chunked import acc_dtype, head_plan, run_chunks, scatter_rows, valid_rows
+from ptcore.ops.chunked import acc_dtype, empty_head_grads, head_plan, run_chunks, scatter_rows, valid_rows
 from ptcore.ops.rows import CROSS_ENTROPY_ROWS
 
 OP = "linear_cross_entropy"
@@ -83,16 +83,12 @@ def _lce_fwd(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
 @_lce_fwd.register_fake
 def _(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, reduction,
       backend, chunk, need_gx, need_gw, need_gb):
-    N, H = input.shape
-    V = weight.shape[0]
-    acc = acc_dtype(input.dtype)
+    N = input.shape[0]
     grads = reduction != "none"
     loss = input.new_empty(N) if reduction == "none" else input.new_empty(())
     lse = input.new_empty(N, dtype=torch.float32)
-    gx = input.new_empty(N, H) if grads and need_gx else input.new_empty(0)
-    gw = input.new_empty(V, H, dtype=acc) if grads and need_gw else input.new_empty(0)
-    gb = input.new_empty(V, dtype=acc) if grads and need_gb else input.new_empty(0)
-    return loss, lse, gx, gw, gb
+    return (loss, lse, *empty_head_grads(input, weight, grads and need_gx, grads and need_gw,
+                                         grads and need_gb))
 
 
 @torch.library.custom_op("ptcore::linear_cross_entropy_backward", mutates_args=())
@@ -113,12 +109,7 @@ def _lce_bwd(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
 @_lce_bwd.register_fake
 def _(input, weight, target, bias, grad_loss, ignore_index, label_smoothing, z_loss, softcap,
       backend, chunk, need_gx, need_gw, need_gb):
-    N, H = input.shape
-    V = weight.shape[0]
-    acc = acc_dtype(input.dtype)
-    return (input.new_empty(N, H) if need_gx else input.new_empty(0),
-            input.new_empty(V, H, dtype=acc) if need_gw else input.new_empty(0),
-            input.new_empty(V, dtype=acc) if need_gb else input.new_empty(0))
+    return empty_head_grads(input, weight, need_gx, need_gw, need_gb)
 
 
 def _is_one_on_cpu(t: torch.Tensor) -> bool:

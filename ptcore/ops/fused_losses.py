@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 
 from ptcore.ops import checks
-from ptcore.ops.chunked import acc_dtype, head_plan, run_chunks
+from ptcore.ops.chunked import acc_dtype, empty_head_grads, head_plan, run_chunks
 from ptcore.ops.policy import PolicyLossOutput, default_normalizer, policy_loss
-from ptcore.ops.preference import PreferenceLossOutput, dpo_loss
+from ptcore.ops.preference import LENGTH_NORMALIZED, PreferenceLossOutput, dpo_loss
 from ptcore.ops.rows import LOGPROB_GRAD, LOGPROB_STATS
 
 
@@ -169,14 +169,9 @@ def _policy_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
 
 @_policy_op.register_fake
 def _(hidden, weight, target, old_logps, advantages, mask, bias, ref_logps, normalizer, *args):
-    need_gx, need_gw, need_gb = args[-3:]
     acc = acc_dtype(hidden.dtype)
-    (V, H), (B, T) = weight.shape, target.shape
-    return (hidden.new_empty((), dtype=acc), hidden.new_empty(B, T, dtype=acc),
-            hidden.new_empty(B, T, dtype=acc),
-            hidden.new_empty(B, T, H) if need_gx else hidden.new_empty(0),
-            hidden.new_empty(V, H, dtype=acc) if need_gw else hidden.new_empty(0),
-            hidden.new_empty(V, dtype=acc) if need_gb else hidden.new_empty(0))
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty(target.shape, dtype=acc),
+            hidden.new_empty(target.shape, dtype=acc), *empty_head_grads(hidden, weight, *args[-3:]))
 
 
 _policy_op.register_autograd(
@@ -260,8 +255,10 @@ def _dpo_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     S, T = target.shape
     B = S // 2
     checks.targets_in_range("linear_dpo_loss", target, weight.shape[0], ignore_index)
-    lengths = (target != ignore_index).sum(-1)
-    opts = dict(beta=beta, loss_type=loss_types.split(","), loss_weights=list(loss_weights),
+    types = loss_types.split(",")
+    # Completion lengths, for the length-normalized types only (others accept empty completions).
+    lengths = (target != ignore_index).sum(-1) if set(types) & set(LENGTH_NORMALIZED) else None
+    opts = dict(beta=beta, loss_type=types, loss_weights=list(loss_weights),
                 label_smoothing=label_smoothing, gamma=gamma, orpo_lambda=orpo_lambda)
 
     def loss_fn(seq_ids, logp, entropy):
@@ -270,7 +267,8 @@ def _dpo_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
         sel = lambda v: None if v is None else v.index_select(0, pairs)
         seq = logp.sum(-1)
         out = dpo_loss(seq[:k], seq[k:], sel(ref_chosen_logps), sel(ref_rejected_logps),
-                       chosen_lengths=sel(lengths), rejected_lengths=lengths.index_select(0, seq_ids[k:]),
+                       chosen_lengths=sel(lengths),
+                       rejected_lengths=None if lengths is None else lengths.index_select(0, seq_ids[k:]),
                        **opts)
         return out.loss * (k / B)  # this chunk's share of the mean over pairs
 
@@ -283,13 +281,9 @@ def _dpo_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
 
 @_dpo_op.register_fake
 def _(hidden, weight, target, *args):
-    need_gx, need_gw, need_gb = args[-3:]
     acc = acc_dtype(hidden.dtype)
-    (V, H), (S, T) = weight.shape, target.shape
-    return (hidden.new_empty((), dtype=acc), hidden.new_empty(S, dtype=acc),
-            hidden.new_empty(S, T, H) if need_gx else hidden.new_empty(0),
-            hidden.new_empty(V, H, dtype=acc) if need_gw else hidden.new_empty(0),
-            hidden.new_empty(V, dtype=acc) if need_gb else hidden.new_empty(0))
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty(target.shape[0], dtype=acc),
+            *empty_head_grads(hidden, weight, *args[-3:]))
 
 
 _dpo_op.register_autograd(
@@ -349,9 +343,10 @@ def linear_dpo_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, 
     loss, seq_logps, *_ = _dpo_op(hidden, weight, target, bias, ref_chosen_logps, ref_rejected_logps,
                                   float(beta), ",".join(types), weights, float(label_smoothing), float(gamma),
                                   float(orpo_lambda), temp, cap, ignore_index, backend, chunk, *need)
-    lengths = (target != ignore_index).sum(-1)
+    lengths = (target != ignore_index).sum(-1) if set(types) & set(LENGTH_NORMALIZED) else None
     full = dpo_loss(seq_logps[:B], seq_logps[B:], ref_chosen_logps, ref_rejected_logps, beta=beta,
-                    loss_type=loss_type, label_smoothing=label_smoothing, chosen_lengths=lengths[:B],
-                    rejected_lengths=lengths[B:], gamma=gamma, orpo_lambda=orpo_lambda,
-                    loss_weights=loss_weights)
+                    loss_type=loss_type, label_smoothing=label_smoothing,
+                    chosen_lengths=None if lengths is None else lengths[:B],
+                    rejected_lengths=None if lengths is None else lengths[B:], gamma=gamma,
+                    orpo_lambda=orpo_lambda, loss_weights=loss_weights)
     return PreferenceLossOutput(loss, full.chosen_rewards, full.rejected_rewards, full.metrics)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ptcore.ops import checks
-from ptcore.ops.chunked import acc_dtype, head_plan, run_chunks, scatter_rows, valid_rows
+from ptcore.ops.chunked import acc_dtype, empty_head_grads, head_plan, run_chunks, scatter_rows, valid_rows
 from ptcore.ops.rows import LOGPROB_GRAD, LOGPROB_STATS
 
 OP = "linear_logprobs"
@@ -112,10 +112,7 @@ def _logprobs_bwd(input: torch.Tensor, weight: torch.Tensor, target: torch.Tenso
 @_logprobs_bwd.register_fake
 def _(input, weight, target, bias, lse, mu, g_logp, g_entropy, ignore_index, softcap, temperature,
       backend, chunk, deterministic, need_gx, need_gw, need_gb):
-    (N, H), V, acc = input.shape, weight.shape[0], acc_dtype(input.dtype)
-    return (input.new_empty(N, H) if need_gx else input.new_empty(0),
-            input.new_empty(V, H, dtype=acc) if need_gw else input.new_empty(0),
-            input.new_empty(V, dtype=acc) if need_gb else input.new_empty(0))
+    return empty_head_grads(input, weight, need_gx, need_gw, need_gb)
 
 
 def _setup_context(ctx, inputs, output):

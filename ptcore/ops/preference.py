@@ -59,8 +59,10 @@ def _check_lengths(name, value, ref):
     _check_vector(name, value, "policy_chosen_logps", ref, floating=False)
     if value.dtype == torch.bool or value.is_complex():
         raise TypeError(f"{OP}: '{name}' must hold real token counts, got dtype {value.dtype}")
-    # Value check on CPU only: on an accelerator it would be a host sync.
-    if value.device.type == "cpu" and value.numel() and not bool((value > 0).all()):
+    # Value check on CPU only (on an accelerator it would be a host sync), and not while
+    # torch.compile traces (a data-dependent branch).
+    if (value.device.type == "cpu" and not torch.compiler.is_compiling() and value.numel()
+            and not bool((value > 0).all())):
         raise ValueError(f"{OP}: '{name}' must be > 0 (token counts), got {value.tolist()}")
 
 
