@@ -20,7 +20,8 @@ def _columns(ref: str):
         ("extra peak MB", lambda r: _num(r.get("extra_peak_mb"), ".0f")),
         (f"time / {ref}", lambda r: _num(r.get("time_ratio"), ".2f")),
         (f"mem / {ref}", lambda r: _num(r.get("mem_ratio"), ".2f")),
-        ("note", lambda r: "" if r["status"] == "ok" else r["status"]),
+        ("note", lambda r: "; ".join(v for v in (r["status"] if r["status"] != "ok" else "", r.get("note"))
+                                     if v)),
     ]
 
 

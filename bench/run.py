@@ -57,29 +57,40 @@ def _derive(records, flops, baseline, ref):
                 r["status"] = f"ok, but loss {r['value']:.4f} != {ref}'s {pt['value']:.4f}"
 
 
-def _run_sizes(bench, sizes, dtype_name, args, device, out_dir, busy) -> bool:
-    """Runs all cases at one size, reports them; False if a ptcore or baseline case failed."""
+def _run_sizes(bench, sizes, dtype_name, args, device, out_dir, busy, shared) -> bool:
+    """Runs all cases at one size, reports them; False if a ptcore or baseline case failed.
+    ``shared``: {(key, sizes, dtype, repeats): (benchmark, record)} of the cases in a module's
+    SHARED (the same work in every benchmark, e.g. the bare GEMMs), measured once per suite run."""
     dtype = getattr(torch, dtype_name)
+    repeats = args.repeats or DEFAULT_REPEATS[device]
+    notes = getattr(bench, "NOTES", {})
     records = []
     bar = tqdm(bench.cases(device, dtype), desc=bench.NAME, unit="case", file=sys.stderr, leave=False)
     for case, why in bar:
         bar.set_postfix_str(case)
+        key = getattr(bench, "SHARED", {}).get(case)
+        key = key and (key, tuple(sizes.items()), dtype_name, repeats)
+        if why is None and key in shared:
+            source, rec = shared[key]
+            records.append({**rec, "name": case, "note": f"same run as in {source}", "shared_from": source})
+            continue
         if why is None:
             need, avail = bench.estimate_bytes(case, sizes, dtype), harness.available_bytes(device)
             if need > avail:
                 why = f"needs ~{need / 1e9:.1f} GB, {avail / 1e9:.1f} GB available"
         rec = {"status": f"skipped: {why}"} if why else harness.run_case(
-            bench.NAME, case, sizes, dtype_name, args.repeats or DEFAULT_REPEATS[device], device, args.timeout)
+            bench.NAME, case, sizes, dtype_name, repeats, device, args.timeout)
         if rec["status"] != "ok":
             tqdm.write(f"{case}: {rec['status']}", file=sys.stderr)
-        records.append({"name": case, **rec})
+        elif key:
+            shared[key] = (bench.NAME, rec)
+        records.append({"name": case, **rec, **({"note": notes[case]} if case in notes else {})})
     bar.close()
     ref = bench.reference(device, dtype)
     _derive(records, bench.flops(sizes), bench.BASELINE, ref)
 
     size_txt = " ".join(f"{k}={v}" for k, v in sizes.items())
     threads = next((r["threads"] for r in records if "threads" in r), torch.get_num_threads())
-    repeats = args.repeats or DEFAULT_REPEATS[device]
     meta = {"benchmark": bench.NAME, "device": harness.device_name(device), "device_type": device,
             "torch": torch.__version__, "ptcore": ptcore.__version__, "threads": threads,
             "sizes": sizes, "dtype": dtype_name, "repeats": repeats, "flops": bench.flops(sizes),
@@ -110,7 +121,7 @@ def main(argv: list[str]) -> int:
     if busy > 20:
         print(f"warning: the machine is {busy:.0f}% busy before the benchmark starts: other processes "
               "will make the timings noisy", file=sys.stderr)
-    good = True
+    good, shared = True, {}
     for name in [args.only] if args.only else list(registry.BENCHMARKS):
         bench = registry.load(name)
         sizes = dict(bench.DEFAULT_SIZES[device])
@@ -121,5 +132,6 @@ def main(argv: list[str]) -> int:
                 return 2
             sizes = dict(zip(bench.SIZE_KEYS, vals))
         for s in [sizes] + ([bench.LARGE_SIZES] if args.large else []):
-            good &= _run_sizes(bench, s, args.dtype or bench.DEFAULT_DTYPE[device], args, device, out_dir, busy)
+            good &= _run_sizes(bench, s, args.dtype or bench.DEFAULT_DTYPE[device], args, device, out_dir,
+                               busy, shared)
     return 0 if good else 1

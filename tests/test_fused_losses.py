@@ -31,7 +31,7 @@ def policy_batch(B=4, T=7, H=16, V=101):
     mask = torch.zeros(B, T)
     mask[:, 2:] = 1
     mask[1, 5:] = 0
-    mask[3] = 0  # an all-masked sequence
+    mask[-1] = 0  # an all-masked sequence
     old = torch.randn(B, T) * 0.3 - 4
     return h, w, b, y, mask, old, torch.randn(B), old + 0.1 * torch.randn(B, T)
 
