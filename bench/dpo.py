@@ -17,8 +17,10 @@ import torch.nn.functional as F
 
 import ptcore
 from bench import lm_head
-from bench.lm_head import (BASELINE, DEFAULT_DTYPE, DEFAULT_SIZES, LARGE_SIZES, SHARED, SIZE_KEYS,  # noqa: F401
-                           bare_gemms, flops, fwd_bwd, head_cases, head_inputs, missing, reference)
+from bench.lm_head import (  # noqa: F401  (the registry interface, shared by the LM-head benchmarks)
+    BASELINE, DEFAULT_DTYPE, DEFAULT_SIZES, LARGE_SIZES, SHARED, SIZE_KEYS, flops, reference,
+    FEW_REPEATS as REPEATS)
+from bench.lm_head import bare_gemms, fwd_bwd, head_cases, head_inputs, missing
 
 NAME = "linear_dpo_loss"
 TITLE = f"sigmoid DPO loss (beta 0.1), fwd+bwd, pairs of {lm_head.SEQ_LEN}-token sequences"

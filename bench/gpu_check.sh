@@ -8,9 +8,12 @@
 #        pip download --no-deps -d .whl cut-cross-entropy liger-kernel     (both pure Python)
 #      Without them the benchmark prints "skipped: <package> not installed" for those rows.
 #   2. python -m ptcore info          3. pytest -q tests -k "cuda or triton or gpu"
-#   4. python -m bench --only linear_cross_entropy   (CUDA defaults: N=8192 H=2048 V=131072 bf16)
+#   4. python -m bench: the whole suite (CUDA defaults: N=8192 H=2048 V=131072 bf16), i.e. the
+#      tables of linear_cross_entropy, linear_logprobs, linear_policy_loss (GRPO) and
+#      linear_dpo_loss, in that order, each printed as soon as its cases are done (so a suite cut
+#      by the deadline still prints the tables it finished); the bare GEMMs run once for all four.
 # Exit status: 0 when every step passed, else 1 (later steps still run). Where $OUT is set (the
-# device tool's output folder), the benchmark's JSON and PNG are copied there.
+# device tool's output folder), the benchmarks' JSON and PNG files are copied there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -56,9 +59,10 @@ step 60 "ptcore info" $PY -m ptcore info
 section "GPU tests"
 step 120 "GPU tests" $PY -m pytest -q tests -k "cuda or triton or gpu"
 
-section "benchmark: linear_cross_entropy (CUDA defaults)"
-# --timeout: a hung case is reported as failed and the table still prints.
-step 240 "benchmark" $PY -m bench --only linear_cross_entropy --timeout 120
+section "benchmark suite (CUDA defaults)"
+# --timeout: a hung case is reported as failed and the table still prints. About 25 cases, each a
+# fresh process (CUDA start-up dominates; Liger's and CCE's warm-ups compile).
+step 330 "benchmark" $PY -m bench --timeout 120
 if [ -n "${OUT:-}" ]; then cp -r bench/results/. "$OUT"/ && echo "results copied to \$OUT"; fi
 
 section "summary"

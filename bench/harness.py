@@ -103,7 +103,10 @@ class PeakMemory:
 
 def measure(step, reset, repeats: int, device: str) -> dict:
     """One warm-up ``step()``, then ``repeats`` timed ones; ``reset()`` runs between, untimed.
-    Returns the times (s), the extra peak memory (bytes) and the last step's return value."""
+    Returns the times (s), the extra peak memory (bytes) and the last step's return value.
+
+    A step that keeps buffers across steps (allocated once, first touched in the warm-up, so
+    inside the baseline) declares their size as ``step.held_bytes``; they count as extra memory."""
     out = step()
     sync(device)
     reset()
@@ -118,7 +121,9 @@ def measure(step, reset, repeats: int, device: str) -> dict:
         times.append(time.perf_counter() - t0)
         reset()
     value = None if out is None else float(out)
-    return {"times": times, "extra_peak_bytes": mem.extra_bytes(), "peak_scope": mem.scope, "value": value}
+    held = getattr(step, "held_bytes", 0)
+    return {"times": times, "extra_peak_bytes": mem.extra_bytes() + held, "held_bytes": held,
+            "peak_scope": mem.scope, "value": value}
 
 
 def run_case(bench: str, case: str, sizes: dict, dtype: str, repeats: int, device: str,

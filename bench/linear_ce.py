@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import ptcore
-from bench.lm_head import (BASELINE, DEFAULT_DTYPE, DEFAULT_SIZES, LARGE_SIZES, SHARED, SIZE_KEYS,  # noqa: F401
-                           bare_gemms, flops, fwd_bwd, head_cases, head_inputs, missing, peer_backend,
-                           reference)
+from bench.lm_head import (  # noqa: F401  (the registry interface, shared by the LM-head benchmarks)
+    BASELINE, DEFAULT_DTYPE, DEFAULT_SIZES, LARGE_SIZES, SHARED, SIZE_KEYS, flops, reference)
+from bench.lm_head import bare_gemms, fwd_bwd, head_cases, head_inputs, missing, peer_backend
 from bench import lm_head
 
 NAME = "linear_cross_entropy"

@@ -13,7 +13,16 @@ A benchmark module defines:
   estimate_bytes(case, sizes, dtype)  a generous memory estimate, inputs included
   build(case, sizes, dtype, device) -> (step, reset)
                          in the worker: makes the inputs; step() is one timed iteration (it may
-                         return the loss, kept as a cross-check), reset() clears state, untimed
+                         return the loss, kept as a cross-check), reset() clears state, untimed;
+                         ``step.held_bytes``: buffers it keeps across steps (bench/harness.py)
+and optionally:
+  NOTES                  {case: note} shown in the table's note column (what a row does differently)
+  SHARED                 {case: key}: cases whose work depends only on sizes and dtype (the bare
+                         GEMMs); the runner measures each key once per suite run and reuses it
+  REPEATS                {"cpu": R, "cuda": R}: this benchmark's default timed runs per case
+
+The LM-head benchmarks (linear_ce, logprobs, grpo, dpo) take their sizes, baseline, inputs and
+fwd+bwd step from bench/lm_head.py.
 """
 import importlib
 from types import ModuleType

@@ -28,7 +28,8 @@ def _parse(argv):
     p.add_argument("--only", choices=list(registry.BENCHMARKS), help="run only this benchmark")
     p.add_argument("--sizes", help="one size, comma-separated in the benchmark's order (N,H,V)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--repeats", type=int, help="timed runs per case (default: 3 on CPU, 10 on CUDA)")
+    p.add_argument("--repeats", type=int,
+                   help="timed runs per case (default: 3 on CPU, 2 for the RL benchmarks; 10 on CUDA)")
     p.add_argument("--large", action="store_true", help="also run the benchmark's large size")
     p.add_argument("--out", type=Path, help="results folder (default bench/results/<device-slug>)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case (default 1800)")
@@ -59,17 +60,17 @@ def _derive(records, flops, baseline, ref):
 
 def _run_sizes(bench, sizes, dtype_name, args, device, out_dir, busy, shared) -> bool:
     """Runs all cases at one size, reports them; False if a ptcore or baseline case failed.
-    ``shared``: {(key, sizes, dtype, repeats): (benchmark, record)} of the cases in a module's
+    ``shared``: {(key, sizes, dtype): (benchmark, record)} of the cases in a module's
     SHARED (the same work in every benchmark, e.g. the bare GEMMs), measured once per suite run."""
     dtype = getattr(torch, dtype_name)
-    repeats = args.repeats or DEFAULT_REPEATS[device]
+    repeats = args.repeats or getattr(bench, "REPEATS", DEFAULT_REPEATS)[device]
     notes = getattr(bench, "NOTES", {})
     records = []
     bar = tqdm(bench.cases(device, dtype), desc=bench.NAME, unit="case", file=sys.stderr, leave=False)
     for case, why in bar:
         bar.set_postfix_str(case)
         key = getattr(bench, "SHARED", {}).get(case)
-        key = key and (key, tuple(sizes.items()), dtype_name, repeats)
+        key = key and (key, tuple(sizes.items()), dtype_name)
         if why is None and key in shared:
             source, rec = shared[key]
             records.append({**rec, "name": case, "note": f"same run as in {source}", "shared_from": source})

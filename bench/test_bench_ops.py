@@ -3,23 +3,39 @@
     pytest bench/ --benchmark-only
 
 They live in bench/, outside the default test path (pyproject's testpaths = ["tests"]), so
-``pytest tests`` never collects them. The inputs and steps are bench/linear_ce.py's.
+``pytest tests`` never collects them. The inputs and steps are the benchmark modules' (bench/linear_ce.py,
+bench/logprobs.py, bench/grpo.py).
 """
 import pytest
 import torch
 
-from bench import linear_ce
+from bench import registry
 
 pytest.importorskip("pytest_benchmark")
 
 SIZES = {"N": 256, "H": 128, "V": 4096}
 
 
-@pytest.mark.parametrize("case", ["ptcore[cpu]", "ptcore[torch]", "eager"])
-def test_linear_cross_entropy_fwd_bwd(benchmark, case):
-    why = dict(linear_ce.cases("cpu", torch.float32))[case]
+def _fwd_bwd(benchmark, name, case):
+    bench = registry.load(name)
+    why = dict(bench.cases("cpu", torch.float32))[case]
     if why:
         pytest.skip(why)
-    step, reset = linear_ce.build(case, SIZES, torch.float32, "cpu")
-    benchmark.group = f"linear_cross_entropy fwd+bwd N={SIZES['N']} H={SIZES['H']} V={SIZES['V']} fp32"
+    step, reset = bench.build(case, SIZES, torch.float32, "cpu")
+    benchmark.group = f"{name} fwd+bwd N={SIZES['N']} H={SIZES['H']} V={SIZES['V']} fp32"
     benchmark.pedantic(step, setup=reset, rounds=20, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("case", ["ptcore[cpu]", "ptcore[torch]", "eager"])
+def test_linear_cross_entropy_fwd_bwd(benchmark, case):
+    _fwd_bwd(benchmark, "linear_cross_entropy", case)
+
+
+@pytest.mark.parametrize("case", ["ptcore[cpu]", "ptcore[torch]", "eager"])
+def test_linear_logprobs_fwd_bwd(benchmark, case):
+    _fwd_bwd(benchmark, "linear_logprobs", case)
+
+
+@pytest.mark.parametrize("case", ["ptcore[cpu]", "ptcore[torch]", "eager"])
+def test_linear_policy_loss_fwd_bwd(benchmark, case):
+    _fwd_bwd(benchmark, "linear_policy_loss", case)
