@@ -31,78 +31,70 @@ def _autograd_enabled():
         yield
 
 
-def fused_sequence_loss(x, w, b, t, groups, loss_fn, *, ignore_index, softcap, temperature,
-                        backend, need, want_entropy):
-    """x ``[S, T, H]``, t ``[S, T]`` (ignore_index where no log-prob is wanted), groups: a list of
-    sequence-id tensors, each processed as one chunk; ``loss_fn(seq_ids, logp, entropy)`` gets that
-    chunk's ``[k, T]`` log-probs (and entropy) and returns its share of the batch loss.
-    Returns (loss, logp [S, T], entropy [S, T] or None, gx [S, T, H], gw, gb)."""
+def fused_sequence_loss(x, w, b, t, loss_fn, *, seqs_per_chunk, chunk, ignore_index, softcap,
+                        temperature, backend, need, want_entropy):
+    """x ``[S, T, H]``, t ``[S, T]`` (ignore_index where no log-prob is wanted).
+
+    ``loss_fn(first, logp, entropy)`` returns the loss of the sequences ``first, first + 1, ...``
+    whose ``[k, T]`` log-probs (and entropy) it gets, as their share of the batch loss.
+    ``seqs_per_chunk``: chunks hold that many whole sequences (losses that need a whole sequence:
+    GSPO's ratio, DPO's sums); None: the loss is a sum of per-token terms, so chunks of ``chunk``
+    rows cut anywhere, and each chunk's gradients come from the whole batch's loss with only its own
+    positions live. Returns (loss, logp [S, T], entropy [S, T] or None, gx [S, T, H], gw, gb).
+    """
     S, T, H = x.shape
     acc = acc_dtype(x.dtype)
     x_flat, t_flat = x.reshape(-1, H), t.reshape(-1)
-    positions = torch.arange(T, device=x.device)
-    orders, bounds, start = [], [], 0
-    for seq_ids in groups:
-        rows = (seq_ids[:, None] * T + positions).reshape(-1)
-        if x.device.type == "cpu":  # ignored rows cost no GEMM work (a host decision: CPU only)
-            rows = rows[t_flat.index_select(0, rows) != ignore_index]
-        orders.append(rows)
-        bounds.append((start, start + rows.numel()))
-        start += rows.numel()
-    order = torch.cat(orders) if orders else torch.zeros(0, dtype=torch.long, device=x.device)
-    # Rows already in order (nothing ignored, consecutive groups): use them in place, no copy.
-    in_place = order.numel() == S * T and bool((order == torch.arange(S * T, device=x.device)).all()) \
-        if x.device.type == "cpu" else False
-    xs, ts = (x_flat, t_flat) if in_place else (x_flat.index_select(0, order), t_flat.index_select(0, order))
-    logp_all = torch.zeros(S * T, dtype=acc, device=x.device)
-    ent_all = torch.zeros(S * T, dtype=acc, device=x.device) if want_entropy else None
-    total = torch.zeros((), dtype=acc, device=x.device)
-    group_at = {s: g for g, (s, _) in enumerate(bounds)}
+    order = None
+    if x.device.type == "cpu":  # ignored rows cost no GEMM work (a host decision: CPU only)
+        valid = t_flat != ignore_index
+        if not bool(valid.all()):
+            order = valid.nonzero().squeeze(1)  # sorted: sequences stay contiguous
+    xs, ts = (x_flat, t_flat) if order is None else (x_flat.index_select(0, order), t_flat.index_select(0, order))
+    n = xs.shape[0]
+    if seqs_per_chunk is None:
+        bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    else:  # cut where a group of sequences starts
+        starts = torch.arange(0, S, seqs_per_chunk, device=x.device) * T
+        cuts = (starts if order is None else torch.searchsorted(order, starts)).tolist() + [n]
+        bounds = list(zip(cuts[:-1], cuts[1:]))
+    first_seq = {s: i * (seqs_per_chunk or 0) for i, (s, _) in enumerate(bounds)}
+    logp_all = torch.zeros(S, T, dtype=acc, device=x.device)
+    ent_all = torch.zeros(S, T, dtype=acc, device=x.device) if want_entropy else None
     opts = dict(ignore_index=ignore_index, softcap=softcap, temperature=temperature)
     grads = any(need)
 
     def row_pass(z, s, e):
-        nonlocal total
-        seq_ids, rows, n = groups[group_at[s]], order[s:e], e - s
-        lp, lse, mu = (torch.empty(n, dtype=acc, device=x.device) for _ in range(3))
-        ent = torch.empty(n, dtype=acc, device=x.device) if want_entropy else None
+        rows = torch.arange(s, e, device=x.device) if order is None else order[s:e]
+        vec = lambda: torch.empty(e - s, dtype=acc, device=x.device)
+        lp, lse, mu = vec(), vec(), vec()
+        ent = vec() if want_entropy else None
         LOGPROB_STATS[backend](z, ts[s:e], lp, ent, lse, mu, **opts)
-        logp_all[rows] = lp
+        seq, pos = rows // T, rows % T
+        logp_all[seq, pos] = lp
         if ent is not None:
-            ent_all[rows] = ent
-        lut = torch.full((S,), -1, dtype=torch.long, device=x.device)
-        lut[seq_ids] = torch.arange(seq_ids.numel(), device=x.device)
-        where = (lut[rows // T], rows % T)
-        dense = lambda v: torch.zeros(seq_ids.numel(), T, dtype=acc, device=x.device).index_put(where, v)
-        with _autograd_enabled() if grads else torch.no_grad():
-            leaves = [v.detach().requires_grad_(grads) if v is not None else None for v in (lp, ent)]
-            share = loss_fn(seq_ids, dense(leaves[0]), None if ent is None else dense(leaves[1]))
-            if grads:
-                used = [v for v in leaves if v is not None]
-                g = list(torch.autograd.grad(share, used, allow_unused=True)) + [None]
-        total = total + share.detach()
-        if grads:
-            LOGPROB_GRAD[backend](z, ts[s:e], lse, mu, g[0], g[1] if ent is not None else None, **opts)
+            ent_all[seq, pos] = ent
+        if not grads:
+            return
+        first = first_seq[s]
+        k = S if seqs_per_chunk is None else min(seqs_per_chunk, S - first)
+        with _autograd_enabled():
+            leaves = [v.detach().requires_grad_() for v in (lp, ent) if v is not None]
+            dense = [torch.zeros(k, T, dtype=acc, device=x.device).index_put((seq - first, pos), v)
+                     for v in leaves]
+            share = loss_fn(first, dense[0], dense[1] if ent is not None else None)
+            g = list(torch.autograd.grad(share, leaves, allow_unused=True)) + [None]
+        LOGPROB_GRAD[backend](z, ts[s:e], lse, mu, g[0], g[1] if ent is not None else None, **opts)
 
     gx, gw, gb = run_chunks(xs, w, b, row_pass, chunk=1, bounds=bounds, need_gx=need[0],
                             need_gw=need[1], need_gb=need[2])
     if need[0]:
-        if not in_place:
+        if order is not None:
             gx = torch.zeros(S * T, H, dtype=x.dtype, device=x.device).index_copy_(0, order, gx)
         gx = gx.reshape(S, T, H)
-    return (total, logp_all.reshape(S, T), None if ent_all is None else ent_all.reshape(S, T),
-            gx, gw, gb)
-
-
-def _sequence_groups(num, rows_per_seq, chunk_rows, device, pair_offset=None):
-    """Consecutive sequence ranges of about ``chunk_rows`` rows (at least one sequence or pair);
-    with ``pair_offset`` each group also takes the partner ``i + pair_offset`` of every ``i``."""
-    per = max(1, chunk_rows // (rows_per_seq * (2 if pair_offset else 1)))
-    groups = []
-    for i in range(0, num, per):
-        ids = torch.arange(i, min(i + per, num), device=device)
-        groups.append(torch.cat([ids, ids + pair_offset]) if pair_offset else ids)
-    return groups
+    with torch.no_grad():  # the value, from the whole batch (the shares only serve gradients)
+        loss = loss_fn(0, logp_all, ent_all)
+    return loss, logp_all, ent_all, gx, gw, gb
 
 
 class _StoredGradients:
@@ -155,15 +147,17 @@ def _policy_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                 importance_sampling_level=importance_sampling_level, loss_type=loss_type,
                 normalizer=normalizer, cispo_max=cispo_max or None)
 
-    def loss_fn(seq_ids, logp, entropy):
-        sel = lambda v: None if v is None else v.index_select(0, seq_ids)
+    def loss_fn(first, logp, entropy):
+        sel = lambda v: None if v is None else v[first:first + logp.shape[0]]
         return policy_loss(logp, sel(old_logps), sel(advantages), sel(m),
                            **{**opts, "ref_logps": sel(ref_logps)}).loss
 
-    groups = _sequence_groups(B, T, chunk, hidden.device)
+    # A sequence-level ratio ties a sequence's tokens together; otherwise the loss is per token.
+    whole = loss_type == "gspo" or (importance_sampling_level == "sequence" and loss_type != "pg")
     loss, logp, ent, gx, gw, gb = fused_sequence_loss(
-        hidden, weight, bias, t, groups, loss_fn, ignore_index=ignore_index, softcap=softcap,
-        temperature=temperature, backend=backend, need=(need_gx, need_gw, need_gb), want_entropy=True)
+        hidden, weight, bias, t, loss_fn, seqs_per_chunk=max(1, chunk // T) if whole else None,
+        chunk=chunk, ignore_index=ignore_index, softcap=softcap, temperature=temperature,
+        backend=backend, need=(need_gx, need_gw, need_gb), want_entropy=True)
     return loss, logp, ent, gx, gw, gb
 
 
@@ -250,7 +244,8 @@ def _dpo_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
             need_gx: bool, need_gw: bool, need_gb: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                  torch.Tensor, torch.Tensor,
                                                                  torch.Tensor]:
-    """hidden ``[2B, T, H]`` (chosen then rejected); loss_types comma-separated (the schema has no
+    """hidden ``[2B, T, H]`` (pair p: chosen at 2p, rejected at 2p + 1, so a pair's rows are
+    contiguous); loss_types comma-separated (the schema has no
     list of strings). Returns (loss, sequence log-probs [2B], grad_hidden, grad_weight, grad_bias)."""
     S, T = target.shape
     B = S // 2
@@ -261,21 +256,20 @@ def _dpo_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     opts = dict(beta=beta, loss_type=types, loss_weights=list(loss_weights),
                 label_smoothing=label_smoothing, gamma=gamma, orpo_lambda=orpo_lambda)
 
-    def loss_fn(seq_ids, logp, entropy):
-        k = seq_ids.numel() // 2
-        pairs = seq_ids[:k]
-        sel = lambda v: None if v is None else v.index_select(0, pairs)
+    def loss_fn(first, logp, entropy):
+        p0, k = first // 2, logp.shape[0] // 2
+        sel = lambda v: None if v is None else v[p0:p0 + k]
         seq = logp.sum(-1)
-        out = dpo_loss(seq[:k], seq[k:], sel(ref_chosen_logps), sel(ref_rejected_logps),
-                       chosen_lengths=sel(lengths),
-                       rejected_lengths=None if lengths is None else lengths.index_select(0, seq_ids[k:]),
+        out = dpo_loss(seq[0::2], seq[1::2], sel(ref_chosen_logps), sel(ref_rejected_logps),
+                       chosen_lengths=None if lengths is None else lengths[2 * p0:2 * (p0 + k):2],
+                       rejected_lengths=None if lengths is None else lengths[2 * p0 + 1:2 * (p0 + k):2],
                        **opts)
-        return out.loss * (k / B)  # this chunk's share of the mean over pairs
+        return out.loss * (k / B)  # these pairs' share of the mean over pairs
 
-    groups = _sequence_groups(B, T, chunk, hidden.device, pair_offset=B)
     loss, logp, _, gx, gw, gb = fused_sequence_loss(
-        hidden, weight, bias, target, groups, loss_fn, ignore_index=ignore_index, softcap=softcap,
-        temperature=temperature, backend=backend, need=(need_gx, need_gw, need_gb), want_entropy=False)
+        hidden, weight, bias, target, loss_fn, seqs_per_chunk=2 * max(1, chunk // (2 * T)),
+        chunk=chunk, ignore_index=ignore_index, softcap=softcap, temperature=temperature,
+        backend=backend, need=(need_gx, need_gw, need_gb), want_entropy=False)
     return loss, logp.sum(-1), gx, gw, gb
 
 
@@ -335,8 +329,9 @@ def linear_dpo_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, 
              orpo_lambda=orpo_lambda, loss_weights=loss_weights)
     T = max(chosen_hidden.shape[1], rejected_hidden.shape[1])
     pad = lambda h, fill: torch.nn.functional.pad(h, (0, 0, 0, T - h.shape[1]) if h.dim() == 3 else (0, T - h.shape[1]), value=fill)
-    hidden = torch.cat([pad(chosen_hidden, 0.0), pad(rejected_hidden, 0.0)])
-    target = torch.cat([pad(chosen_target, ignore_index), pad(rejected_target, ignore_index)])
+    interleave = lambda c, r: torch.stack([c, r], dim=1).reshape(2 * B, *c.shape[1:])
+    hidden = interleave(pad(chosen_hidden, 0.0), pad(rejected_hidden, 0.0))
+    target = interleave(pad(chosen_target, ignore_index), pad(rejected_target, ignore_index))
     backend, chunk = head_plan(hidden, weight)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and p is not None and p.requires_grad for p in (hidden, weight, bias)]
@@ -344,9 +339,9 @@ def linear_dpo_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, 
                                   float(beta), ",".join(types), weights, float(label_smoothing), float(gamma),
                                   float(orpo_lambda), temp, cap, ignore_index, backend, chunk, *need)
     lengths = (target != ignore_index).sum(-1) if set(types) & set(LENGTH_NORMALIZED) else None
-    full = dpo_loss(seq_logps[:B], seq_logps[B:], ref_chosen_logps, ref_rejected_logps, beta=beta,
+    full = dpo_loss(seq_logps[0::2], seq_logps[1::2], ref_chosen_logps, ref_rejected_logps, beta=beta,
                     loss_type=loss_type, label_smoothing=label_smoothing,
-                    chosen_lengths=None if lengths is None else lengths[:B],
-                    rejected_lengths=None if lengths is None else lengths[B:], gamma=gamma,
+                    chosen_lengths=None if lengths is None else lengths[0::2],
+                    rejected_lengths=None if lengths is None else lengths[1::2], gamma=gamma,
                     orpo_lambda=orpo_lambda, loss_weights=loss_weights)
     return PreferenceLossOutput(loss, full.chosen_rewards, full.rejected_rewards, full.metrics)
