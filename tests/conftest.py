@@ -1,11 +1,12 @@
-"""Test set-up: Triton runs in its CPU interpreter (set before ptcore.kernels is imported), and
-the header says which backends this run exercises and why others are skipped."""
+"""Test set-up: without a GPU, Triton runs in its CPU interpreter (set before ptcore.kernels is
+imported); the header says which backends this run exercises and why others are skipped."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():  # on a GPU, Triton runs compiled on CUDA tensors (test_gpu.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ptcore.ops import dispatch  # noqa: E402
 
