@@ -58,6 +58,10 @@ def want_cuda(flag: bool | None = None) -> tuple[bool, str]:
         if forced:
             raise RuntimeError("PTCORE_CUDA=1 but no CUDA toolkit (nvcc) was found; set CUDA_HOME")
         return False, "no CUDA toolkit (nvcc) found"
+    if _cudart_libdir(home) is None:
+        if forced:
+            raise RuntimeError(f"PTCORE_CUDA=1 but the CUDA toolkit at {home} has no libcudart_static.a")
+        return False, f"the CUDA toolkit at {home} has no libcudart_static.a"
     return True, f"nvcc at {home / 'bin' / 'nvcc'}"
 
 

@@ -40,6 +40,7 @@ def _cross_entropy_rows_kernel(
     m = -float("inf")
     d = 0.0
     sum_z = 0.0
+    z_y = 0.0  # gathered in the sweep: no separate load that the gradient writes could race
     for start in range(0, vocab, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < vocab
@@ -47,12 +48,14 @@ def _cross_entropy_rows_kernel(
         m_new = tl.maximum(m, tl.max(tl.where(mask, z, -float("inf")), axis=0))
         d = d * tl.exp(m - m_new) + tl.sum(tl.where(mask, tl.exp(z - m_new), 0.0), axis=0)
         sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
+        z_y += tl.sum(tl.where(mask & (cols == y_safe), z, 0.0), axis=0)
         m = m_new
-    # 0 when the row is sound, NaN for a non-finite logit or an out-of-range target.
-    poison = sum_z * 0.0 + tl.where(in_range | (y == ignore_index), 0.0, float("nan"))
+    # 0 when the row is sound, NaN for a NaN / +inf logit or an out-of-range target (-inf is fine).
+    bad = (sum_z != sum_z) | (sum_z == float("inf")) | ~(in_range | (y == ignore_index))
+    poison = tl.where(bad, float("nan"), 0.0)
     lse = m + tl.log(d) + poison
-    z_y = _capped(tl.load(base + y_safe).to(tl.float32), cap, inv_cap, HAS_CAP)
-    loss = (1.0 - eps) * (lse - z_y) + eps * (lse - sum_z / vocab) + z_loss * lse * lse
+    loss = tl.where(eps < 1.0, (1.0 - eps) * (lse - z_y), 0.0) \
+        + tl.where(eps > 0.0, eps * (lse - sum_z / vocab), 0.0) + z_loss * lse * lse
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
 

@@ -21,6 +21,7 @@ def _logprob_stats_kernel(logits_ptr, row_stride, target_ptr, ignore_index, voca
     d = 0.0
     s1 = 0.0  # sum of exp(z - m) * (z - m), rescaled with m
     sum_z = 0.0
+    z_y = 0.0
     for start in range(0, vocab, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < vocab
@@ -31,15 +32,16 @@ def _logprob_stats_kernel(logits_ptr, row_stride, target_ptr, ignore_index, voca
         # s1 is relative to the running max: shifting it to m_new subtracts (m_new - m) * d
         # (nothing on the first tile, where m = -inf and d = 0).
         shift = (m_new - tl.where(d > 0, m, m_new)) * d
-        s1 = alpha * (s1 - shift) + tl.sum(e * tl.where(mask, z - m_new, 0.0), axis=0)
+        s1 = alpha * (s1 - shift) + tl.sum(tl.where(e > 0, e * (z - m_new), 0.0), axis=0)
         d = d * alpha + tl.sum(e, axis=0)
         sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
+        z_y += tl.sum(tl.where(mask & (cols == y), z, 0.0), axis=0)
         m = m_new
-    poison = sum_z * 0.0 + tl.where(in_range | ~valid, 0.0, float("nan"))
+    bad = (sum_z != sum_z) | (sum_z == float("inf")) | ~(in_range | ~valid)  # -inf logits are fine
+    poison = tl.where(bad, float("nan"), 0.0)
     lse = m + tl.log(d) + poison
     mu = m + s1 / d + poison
-    y_safe = tl.where(in_range, y, 0)
-    lp = _capped(tl.load(base + y_safe).to(tl.float32), cap, inv_cap, HAS_CAP) * inv_t - lse
+    lp = z_y - lse
     tl.store(logp_ptr + row, tl.where(valid, lp, 0.0))
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
     tl.store(mu_ptr + row, tl.where(valid, mu, 0.0))
@@ -72,7 +74,7 @@ def _logprob_grad_kernel(logits_ptr, row_stride, target_ptr, ignore_index, vocab
         u = _capped(tl.load(base + cols, mask=mask, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
         z = u * inv_t
         p = tl.exp(z - lse)
-        g = tl.where(cols == y, glp, 0.0) - glp * p - gh * p * (z - mu) + poison
+        g = tl.where(cols == y, glp, 0.0) - glp * p - tl.where(p > 0, gh * p * (z - mu), 0.0) + poison
         if HAS_CAP:
             g = g * (1.0 - (u * inv_cap) * (u * inv_cap))
         g = tl.where(valid, g, 0.0)

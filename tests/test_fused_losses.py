@@ -189,3 +189,14 @@ def test_compile_fullgraph(which):
     ref = f(h)
     assert torch.allclose(out, ref, rtol=1e-6)
     assert torch.allclose(g, torch.autograd.grad(ref, h)[0], rtol=1e-5, atol=1e-7)
+
+
+def test_targets_outside_the_mask_are_not_checked():
+    """Padding targets (even out of range) where mask is 0 are ignored, like the mask says."""
+    h, w, b, y, mask, old, adv, _ = policy_batch()
+    y = y.clone()
+    y[:, :2] = 10_000  # mask[:, :2] == 0
+    assert torch.isfinite(linear_policy_loss(h, w, y, old, adv, mask).loss)
+    y[0, 4] = 10_000  # inside the mask: a clear error naming the target
+    with pytest.raises(ValueError, match="'target' holds 10000"):
+        linear_policy_loss(h, w, y, old, adv, mask)

@@ -282,3 +282,36 @@ def test_module_matches_functional():
     assert "softcap=10.0" in repr(mod)
     expected = linear_cross_entropy(x, w, t, bias=b, label_smoothing=0.1, softcap=10.0, reduction="sum")
     assert torch.equal(mod(x, w, t, b), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_logits_like_torch(backend):
+    """A -inf logit (a masked vocabulary entry through the bias) has probability 0, as in
+    F.cross_entropy; only NaN or +inf poisons a row."""
+    x, w = torch.randn(5, 8), torch.randn(20, 8)
+    b = torch.zeros(20)
+    b[3] = float("-inf")
+    t = torch.tensor([0, 1, 2, 4, 5])
+    for ls in (0.0, 0.1):
+        with ptcore.use_backend(backend):
+            got = linear_cross_entropy(x, w, t, bias=b, label_smoothing=ls, reduction="none")
+        want = torch.nn.functional.cross_entropy(x @ w.T + b, t, label_smoothing=ls, reduction="none")
+        assert torch.allclose(got, want, rtol=1e-5, equal_nan=True), (ls, got, want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_fp16_gradients_survive_loss_scaling(backend):
+    """mean over many rows with a large grad_output (GradScaler): 1/N is not applied inside the
+    fp16 logits buffer, where it would underflow."""
+    N, H, V = 16384, 16, 512
+    x, w, t = torch.randn(N, H), torch.randn(V, H) / 4, torch.randint(0, V, (N,))
+    scale = torch.tensor(16384.0)
+    ref = [p.double().requires_grad_() for p in (x, w)]
+    ref_g = torch.autograd.grad(torch.nn.functional.cross_entropy(ref[0] @ ref[1].T, t), ref, scale.double())
+    naive = [p.half().requires_grad_() for p in (x, w)]
+    naive_g = torch.autograd.grad(torch.nn.functional.cross_entropy(naive[0] @ naive[1].T, t), naive, scale.half())
+    ours = [p.half().requires_grad_() for p in (x, w)]
+    with ptcore.use_backend(backend):
+        got = torch.autograd.grad(linear_cross_entropy(*ours, t), ours, scale.half())
+    for g, r, n in zip(got, ref_g, naive_g):
+        assert rel_err(g, r) <= rel_err(n, r) + 1e-2

@@ -19,7 +19,8 @@ def oracle(x, w, t, b=None, *, temperature=1.0, softcap=None, ignore_index=-100)
     logs = torch.log_softmax(z / temperature, dim=-1)
     valid = t != ignore_index
     lp = logs.gather(-1, torch.where(valid, t, 0).unsqueeze(-1)).squeeze(-1)
-    ent = -(logs.exp() * logs).sum(-1)
+    p = logs.exp()
+    ent = -torch.where(p > 0, p * logs, torch.zeros((), dtype=p.dtype)).sum(-1)  # 0 log 0 = 0
     zero = torch.zeros((), dtype=lp.dtype)
     return torch.where(valid, lp, zero), torch.where(valid, ent, zero)
 
@@ -170,3 +171,18 @@ def test_compile_fullgraph():
     ref = f(x)
     assert torch.allclose(out, ref, rtol=1e-6)
     assert torch.allclose(g, torch.autograd.grad(ref, x)[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_targets_and_minus_inf_logits(backend):
+    """Targets that are a strided view or an expanded scalar; a -inf logit has probability 0."""
+    x, w = torch.randn(6, 8, dtype=torch.float64).float(), torch.randn(13, 8)
+    b = torch.zeros(13)
+    b[5] = float("-inf")
+    big = torch.randint(0, 13, (12,))
+    big[big == 5] = 4
+    for t in (big[::2], torch.tensor(3).expand(6)):
+        with ptcore.use_backend(backend):
+            lp, ent = linear_logprobs(x, w, t, bias=b, return_entropy=True)
+        rlp, rent = oracle(x.double(), w.double(), t, b.double())
+        assert rel_err(lp, rlp) < 1e-5 and rel_err(ent, rent) < 1e-5

@@ -50,7 +50,9 @@ void rows_impl(const CrossEntropyRowsArgs& a, int64_t* first_bad_row) {
       m = z > m ? z : m;
       sum_z += z;
     }
-    if (!std::isfinite(sum_z)) {  // a NaN or inf logit: say so in the result, never hide it
+    // A NaN or +inf logit: say so in the result, never hide it. (-inf logits, e.g. a masked
+    // vocabulary entry, are fine: they get probability 0.)
+    if (std::isnan(sum_z) || sum_z == std::numeric_limits<A>::infinity()) {
       const A nan = std::numeric_limits<A>::quiet_NaN();
       loss = nan;
       lse_out = nan;
@@ -61,7 +63,9 @@ void rows_impl(const CrossEntropyRowsArgs& a, int64_t* first_bad_row) {
 #pragma omp simd reduction(+ : d)
     for (int64_t j = 0; j < V; ++j) d += fast_exp(z_at(j) - m);
     const A lse = m + std::log(d), zy = z_at(y);
-    loss = (A(1) - eps) * (lse - zy) + eps * (lse - sum_z / A(V)) + zl * lse * lse;
+    // Each term only when its weight is nonzero (0 * inf is NaN for a -inf logit).
+    loss = (eps < A(1) ? (A(1) - eps) * (lse - zy) : A(0)) +
+           (eps > A(0) ? eps * (lse - sum_z / A(V)) : A(0)) + zl * lse * lse;
     lse_out = lse;
     if (!a.write_grad) continue;
 

@@ -52,12 +52,12 @@ void stats_impl(const LogprobRowsArgs& a) {
       sum_z += z;
     }
     A d = 0, s1 = 0;
-    if (std::isfinite(sum_z)) {
+    if (!std::isnan(sum_z) && sum_z != std::numeric_limits<A>::infinity()) {  // -inf logits are fine
 #pragma omp simd reduction(+ : d, s1)
       for (int64_t j = 0; j < V; ++j) {
         const A z = row.u(j) * inv_t, e = fast_exp(z - m);
         d += e;
-        s1 += e * (z - m);  // shifted by m for accuracy; mu = m + s1 / d
+        s1 += e > A(0) ? e * (z - m) : A(0);  // shifted by m for accuracy; mu = m + s1 / d
       }
     } else {
       d = s1 = std::numeric_limits<A>::quiet_NaN();  // NaN / inf logits: say so, never hide it
@@ -94,7 +94,7 @@ void grad_impl(const LogprobRowsArgs& a) {
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) {
       const A u = row.u(j), z = u * inv_t, p = fast_exp(z - lse);
-      A g = (j == y ? glp : A(0)) - glp * p - gh * p * (z - mu);
+      A g = (j == y ? glp : A(0)) - glp * p - (p > A(0) ? gh * p * (z - mu) : A(0));
       if (kCap) g *= A(1) - (u * inv_cap) * (u * inv_cap);
       store(out[j], in_range ? g : std::numeric_limits<A>::quiet_NaN());
     }

@@ -47,21 +47,25 @@ cross_entropy_rows_kernel(T* __restrict__ logits, int64_t vocab, int64_t row_str
   }
   m = block_reduce<true>(m, smem);
   sum_z = block_reduce<false>(sum_z, smem);
-  if (!isfinite(sum_z)) m = NAN;  // NaN or inf logits poison the row's results, as on the CPU
+  if (isnan(sum_z) || sum_z == INFINITY) m = NAN;  // NaN / +inf logits poison the row, as on the CPU
+  // Read the target's logit before any thread can overwrite the row with its gradient (the
+  // reduction below is the last barrier before the write loop).
+  const float zy = capped<kCap>(to_f(row[y]), cap, inv_cap);
   float d = 0.0f;
   for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x)
     d += __expf(capped<kCap>(to_f(row[j]), cap, inv_cap) - m);
   d = block_reduce<false>(d, smem);
-  const float lse = m + logf(d), zy = capped<kCap>(to_f(row[y]), cap, inv_cap);
+  const float lse = m + logf(d);
   if (threadIdx.x == 0) {
-    loss[r] = (1.0f - eps) * (lse - zy) + eps * (lse - sum_z / float(vocab)) + zl * lse * lse;
+    loss[r] = (eps < 1.0f ? (1.0f - eps) * (lse - zy) : 0.0f) +
+              (eps > 0.0f ? eps * (lse - sum_z / float(vocab)) : 0.0f) + zl * lse * lse;
     lse_out[r] = lse;
   }
   if (!write_grad) return;
   const float s = scale ? scale[r * scale_stride] : 1.0f;
   const float p_coef = s * (1.0f + 2.0f * zl * lse) / d, uniform = s * eps / float(vocab);
   const float onehot = s * (1.0f - eps);
-  // Every thread has finished reading the row (the block reductions above synchronize).
+  // Every thread has finished reading the row for the sums (the reductions above synchronize).
   for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
     const float z = capped<kCap>(to_f(row[j]), cap, inv_cap);
     float g = p_coef * __expf(z - m) - uniform - (j == y ? onehot : 0.0f);

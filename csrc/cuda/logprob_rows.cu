@@ -36,12 +36,12 @@ logprob_stats_kernel(const T* __restrict__ logits, int64_t vocab, int64_t row_st
   }
   m = block_reduce<true>(m, smem);
   sum_z = block_reduce<false>(sum_z, smem);
-  if (!isfinite(sum_z)) m = NAN;
+  if (isnan(sum_z) || sum_z == INFINITY) m = NAN;  // -inf logits are fine
   float d = 0.0f, s1 = 0.0f;
   for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
     const float z = capped<kCap>(to_f(row[j]), cap, inv_cap) * inv_t - m, e = __expf(z);
     d += e;
-    s1 += e * z;
+    s1 += e > 0.0f ? e * z : 0.0f;
   }
   d = block_reduce<false>(d, smem);
   s1 = block_reduce<false>(s1, smem);
@@ -68,7 +68,7 @@ logprob_grad_kernel(T* __restrict__ logits, int64_t vocab, int64_t row_stride,
   const float glp = g_logp ? g_logp[r] * inv_t : 0.0f, gh = g_entropy ? g_entropy[r] * inv_t : 0.0f;
   for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
     const float u = capped<kCap>(to_f(row[j]), cap, inv_cap), z = u * inv_t, p = __expf(z - lse);
-    float g = (j == y ? glp : 0.0f) - glp * p - gh * p * (z - mu);
+    float g = (j == y ? glp : 0.0f) - glp * p - (p > 0.0f ? gh * p * (z - mu) : 0.0f);
     if (kCap) g *= 1.0f - (u * inv_cap) * (u * inv_cap);
     row[j] = from_f<T>(ignored ? 0.0f : (in_range ? g : NAN));
   }

@@ -47,10 +47,11 @@ def targets_in_range(op: str, target: torch.Tensor, vocab: int, ignore_index: in
     (on CUDA it would synchronize; the kernels there give such rows a NaN loss instead)."""
     if target.device.type != "cpu" or target.numel() == 0:
         return
-    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    flat = target.reshape(-1)
+    bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{op}: 'target' holds {int(target[i])} at flat position {i}, outside "
+        raise ValueError(f"{op}: 'target' holds {int(flat[i])} at flat position {i}, outside "
                          f"[0, {vocab}) and not ignore_index ({ignore_index})")
 
 

@@ -63,10 +63,12 @@ def _lce_fwd(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     reduced loss with grad_output = 1 (empty for ``none``, whose backward recomputes)."""
     checks.targets_in_range(OP, target, weight.shape[0], ignore_index)
     acc = acc_dtype(input.dtype)
-    scale = None
+    inv_n = scale = None
     if reduction == "mean":
-        n_valid = (target != ignore_index).sum().clamp(min=1)
-        scale = (1.0 / n_valid.to(acc)).reshape(1)
+        inv_n = (1.0 / _n_valid(target, ignore_index).to(acc)).reshape(1)
+        # fp16 gradients of 1/N size underflow in the fp16 logits buffer: for fp16 the backward
+        # applies 1/N (with grad_output, in fp32) instead.
+        scale = None if input.dtype == torch.float16 else inv_n
     grads = reduction != "none"
     loss_rows, lse, gx, gw, gb = _chunked(
         input, weight, target, bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
@@ -76,7 +78,7 @@ def _lce_fwd(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
         loss = loss_rows.to(input.dtype)
     else:
         total = loss_rows.sum()
-        loss = (total * scale.squeeze(0) if reduction == "mean" else total).to(input.dtype)
+        loss = (total * inv_n.squeeze(0) if reduction == "mean" else total).to(input.dtype)
     return loss, lse.float(), gx, gw, gb
 
 
@@ -112,6 +114,17 @@ def _(input, weight, target, bias, grad_loss, ignore_index, label_smoothing, z_l
     return empty_head_grads(input, weight, need_gx, need_gw, need_gb)
 
 
+def _n_valid(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return (target != ignore_index).sum().clamp(min=1)
+
+
+def _scale_(g: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """g *= factor in place, the product computed in fp32 (fp64) and rounded once."""
+    if g.dtype in (torch.float32, torch.float64):
+        return g.mul_(factor.to(g.dtype))
+    return g.copy_(g.float().mul_(factor.float()))
+
+
 def _is_one_on_cpu(t: torch.Tensor) -> bool:
     """True for a CPU tensor equal to 1; never inspects a CUDA tensor (a host sync) nor a traced one."""
     return t.device.type == "cpu" and not torch.compiler.is_compiling() and bool(t == 1)
@@ -129,6 +142,7 @@ def _setup_context(ctx, inputs, output):
     # tensors: the first backward scales them in place and hands them on, which the saved-tensor
     # version check would reject; it drops them, so a second backward recomputes.
     ctx.stored = output[2:] if reduction != "none" else None
+    ctx.defer_mean = reduction == "mean" and x.dtype == torch.float16  # 1/N left to the backward
 
 
 def _backward(ctx, grad_loss, *_):
@@ -139,19 +153,21 @@ def _backward(ctx, grad_loss, *_):
         # The common case: scale the gradients computed in the forward, in place (no second V x H
         # buffer) and by a tensor (no host check of grad_output == 1).
         stored, ctx.stored = ctx.stored, None
-        if _is_one_on_cpu(grad_loss):  # loss.backward(): nothing to scale (free to check on CPU)
-            gx, gw, gb = (g if need else None for g, need in zip(stored, ctx.need))
-        else:
-            gx, gw, gb = (g.mul_(grad_loss.to(g.dtype)) if need else None
-                          for g, need in zip(stored, ctx.need))
+        factor = grad_loss
+        if ctx.defer_mean:
+            factor = grad_loss.float() / _n_valid(ctx.saved_tensors[2], ctx.options[0])
+        elif _is_one_on_cpu(grad_loss):  # loss.backward(): nothing to scale (free to check on CPU)
+            factor = None
+        gx, gw, gb = ((g if factor is None else _scale_(g, factor)) if need else None
+                      for g, need in zip(stored, ctx.need))
         return (gx, gw, None, gb) + (None,) * 10
     x, w, t, b = ctx.saved_tensors
     if ctx.reduction == "none":
         row_grad = grad_loss
     else:  # a second backward through this graph (retain_graph): recompute instead
         ignore_index = ctx.options[0]
-        n = (t != ignore_index).sum().clamp(min=1) if ctx.reduction == "mean" else 1
-        row_grad = (grad_loss / n).reshape(1)
+        n = _n_valid(t, ignore_index) if ctx.reduction == "mean" else 1
+        row_grad = (grad_loss.to(acc_dtype(x.dtype)) / n).reshape(1)
     gx, gw, gb = _lce_bwd(x, w, t, b, row_grad, *ctx.options, need_gx, need_gw, need_gb)
     return (gx if need_gx else None, gw if need_gw else None, None,
             gb if need_gb else None) + (None,) * 10

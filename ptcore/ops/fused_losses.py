@@ -44,7 +44,7 @@ def fused_sequence_loss(x, w, b, t, loss_fn, *, seqs_per_chunk, chunk, ignore_in
     """
     S, T, H = x.shape
     acc = acc_dtype(x.dtype)
-    x_flat, t_flat = x.reshape(-1, H), t.reshape(-1)
+    x_flat, t_flat = x.reshape(-1, H), t.reshape(-1).contiguous()
     order = None
     if x.device.type == "cpu":  # ignored rows cost no GEMM work (a host decision: CPU only)
         valid = t_flat != ignore_index
@@ -55,8 +55,10 @@ def fused_sequence_loss(x, w, b, t, loss_fn, *, seqs_per_chunk, chunk, ignore_in
     if seqs_per_chunk is None:
         bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     else:  # cut where a group of sequences starts
-        starts = torch.arange(0, S, seqs_per_chunk, device=x.device) * T
-        cuts = (starts if order is None else torch.searchsorted(order, starts)).tolist() + [n]
+        starts = [i * T for i in range(0, S, seqs_per_chunk)]
+        if order is not None:  # CPU: where each group's first row landed after compaction
+            starts = torch.searchsorted(order, torch.tensor(starts, device=x.device)).tolist()
+        cuts = starts + [n]
         bounds = list(zip(cuts[:-1], cuts[1:]))
     first_seq = {s: i * (seqs_per_chunk or 0) for i, (s, _) in enumerate(bounds)}
     logp_all = torch.zeros(S, T, dtype=acc, device=x.device)
@@ -139,9 +141,9 @@ def _policy_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                                        torch.Tensor, torch.Tensor]:
     """(loss, logp [B, T], entropy [B, T], grad_hidden, grad_weight, grad_bias)."""
     B, T = target.shape
-    checks.targets_in_range("linear_policy_loss", target, weight.shape[0], ignore_index)
     m = mask if mask.dtype == torch.bool else mask != 0
-    t = torch.where(m, target, torch.full_like(target, ignore_index))
+    t = torch.where(m, target, torch.full_like(target, ignore_index))  # outside the mask: ignored
+    checks.targets_in_range("linear_policy_loss", t, weight.shape[0], ignore_index)
     opts = dict(ref_logps=None, beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low,
                 epsilon_high=epsilon_high, dual_clip=dual_clip or None,
                 importance_sampling_level=importance_sampling_level, loss_type=loss_type,

@@ -35,7 +35,11 @@ def rows_torch(logits, target, loss, lse, scale, *, ignore_index, label_smoothin
     row_lse = torch.logsumexp(z, dim=1)
     z_y = z.gather(1, safe_t).squeeze(1)
     eps = label_smoothing
-    row_loss = (1 - eps) * (row_lse - z_y) + eps * (row_lse - z.mean(dim=1)) + z_loss * row_lse * row_lse
+    row_loss = z_loss * row_lse * row_lse
+    if eps < 1:  # each term only when weighted: 0 * inf is NaN for a -inf logit
+        row_loss = row_loss + (1 - eps) * (row_lse - z_y)
+    if eps > 0:
+        row_loss = row_loss + eps * (row_lse - z.mean(dim=1))
     row_loss = torch.where(in_range, row_loss, torch.full_like(row_loss, float("nan")))
     loss.copy_(torch.where(valid, row_loss, torch.zeros_like(row_loss)))
     lse.copy_(torch.where(valid, row_lse, torch.zeros_like(row_lse)))
@@ -104,7 +108,7 @@ def logprob_stats_torch(logits, target, logp, entropy, lse, mu, *, ignore_index,
     safe_t = torch.where(valid & in_range, target, torch.zeros_like(target)).unsqueeze(1)
     row_lse = torch.logsumexp(z, dim=1)
     p = torch.softmax(z, dim=1)
-    row_mu = (p * z).sum(dim=1)
+    row_mu = torch.where(p > 0, p * z, 0.0).sum(dim=1)  # -inf logits have p = 0
     row_lp = z.gather(1, safe_t).squeeze(1) - row_lse
     nan = torch.full_like(row_lse, float("nan"))
     for out, val in ((logp, row_lp), (lse, row_lse), (mu, row_mu), (entropy, row_lse - row_mu)):
@@ -125,7 +129,7 @@ def logprob_grad_torch(logits, target, lse, mu, g_logp, g_entropy, *, ignore_ind
         safe_t = torch.where(valid & in_range, target, torch.zeros_like(target)).unsqueeze(1)
         g.scatter_add_(1, safe_t, glp)
     if g_entropy is not None:
-        g = g - (g_entropy.to(z.dtype).unsqueeze(1) / temperature) * p * (z - mu.unsqueeze(1))
+        g = g - (g_entropy.to(z.dtype).unsqueeze(1) / temperature) * torch.where(p > 0, p * (z - mu.unsqueeze(1)), 0.0)
     if softcap:
         g = g * (1 - (u / softcap) ** 2)
     g = torch.where(in_range.unsqueeze(1), g, float("nan"))
