@@ -200,3 +200,36 @@ def test_targets_outside_the_mask_are_not_checked():
     y[0, 4] = 10_000  # inside the mask: a clear error naming the target
     with pytest.raises(ValueError, match="'target' holds 10000"):
         linear_policy_loss(h, w, y, old, adv, mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_whole_sequences_larger_than_the_budget_take_two_passes(backend):
+    """GSPO and DPO need whole sequences; when those exceed twice the chunk budget the logits are
+    still computed in budget-sized chunks (two passes), with the same results."""
+    h, w, b, y, mask, old, adv, _ = policy_batch(T=16)
+    V = w.shape[0]
+    seen = []
+    import ptcore.ops.chunked as chunked_mod
+    real = chunked_mod.run_chunks
+
+    def spy(x, *a, **k):
+        seen.append(k.get("chunk"))
+        return real(x, *a, **k)
+
+    results = {}
+    for budget in (4 * V * 4, 1 << 30):  # 4 rows of logits (< one 16-token sequence) or everything
+        params = [p.clone().requires_grad_() for p in (h, w)]
+        with ptcore.use_backend(backend), ptcore.chunk_budget(budget):
+            import ptcore.ops.fused_losses as fl
+            fl.run_chunks = spy
+            try:
+                out = linear_policy_loss(*params, y, old, adv, mask, loss_type="gspo")
+                dpo = linear_dpo_loss(params[0][:2], params[0][2:], params[1], y[:2], y[2:], adv[:2], adv[2:])
+            finally:
+                fl.run_chunks = real
+        results[budget] = (out.loss, dpo.loss, torch.autograd.grad(out.loss + dpo.loss, params))
+    assert 4 in seen  # the small budget really chunked by 4 rows
+    (l1, d1, g1), (l2, d2, g2) = results.values()
+    assert abs(float(l1) - float(l2)) < 1e-5 and abs(float(d1) - float(d2)) < 1e-5
+    for a, c in zip(g1, g2):
+        assert rel_err(a, c) < 1e-5

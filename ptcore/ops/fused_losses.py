@@ -39,8 +39,11 @@ def fused_sequence_loss(x, w, b, t, loss_fn, *, seqs_per_chunk, chunk, ignore_in
     whose ``[k, T]`` log-probs (and entropy) it gets, as their share of the batch loss.
     ``seqs_per_chunk``: chunks hold that many whole sequences (losses that need a whole sequence:
     GSPO's ratio, DPO's sums); None: the loss is a sum of per-token terms, so chunks of ``chunk``
-    rows cut anywhere, and each chunk's gradients come from the whole batch's loss with only its own
-    positions live. Returns (loss, logp [S, T], entropy [S, T] or None, gx [S, T, H], gw, gb).
+    rows cut anywhere, and each chunk's gradients come from the loss of the sequences it touches
+    with only its own positions live. When whole sequences would take more than twice the chunk
+    budget, two passes keep the memory bounded instead: log-probs for every row, the loss
+    gradients once, then the gradient pass over recomputed logits (8NHV instead of 6NHV).
+    Returns (loss, logp [S, T], entropy [S, T] or None, gx [S, T, H], gw, gb).
     """
     S, T, H = x.shape
     acc = acc_dtype(x.dtype)
@@ -52,6 +55,10 @@ def fused_sequence_loss(x, w, b, t, loss_fn, *, seqs_per_chunk, chunk, ignore_in
             order = valid.nonzero().squeeze(1)  # sorted: sequences stay contiguous
     xs, ts = (x_flat, t_flat) if order is None else (x_flat.index_select(0, order), t_flat.index_select(0, order))
     n = xs.shape[0]
+    if seqs_per_chunk is not None and seqs_per_chunk * T > 2 * chunk:
+        return _two_pass(x, xs, ts, order, w, b, loss_fn, chunk=chunk, backend=backend, need=need,
+                         want_entropy=want_entropy, ignore_index=ignore_index, softcap=softcap,
+                         temperature=temperature)
     if seqs_per_chunk is None:
         bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     else:  # cut where a group of sequences starts
@@ -78,8 +85,13 @@ def fused_sequence_loss(x, w, b, t, loss_fn, *, seqs_per_chunk, chunk, ignore_in
             ent_all[seq, pos] = ent
         if not grads:
             return
-        first = first_seq[s]
-        k = S if seqs_per_chunk is None else min(seqs_per_chunk, S - first)
+        if seqs_per_chunk is None:  # the sequences this chunk touches (rows are sorted)
+            lo, hi = (s, e - 1) if order is None else (int(order[s]), int(order[e - 1]))  # CPU only
+            first = lo // T
+            k = hi // T - first + 1
+        else:
+            first = first_seq[s]
+            k = min(seqs_per_chunk, S - first)
         with _autograd_enabled():
             leaves = [v.detach().requires_grad_() for v in (lp, ent) if v is not None]
             dense = [torch.zeros(k, T, dtype=acc, device=x.device).index_put((seq - first, pos), v)
@@ -97,6 +109,45 @@ def fused_sequence_loss(x, w, b, t, loss_fn, *, seqs_per_chunk, chunk, ignore_in
     with torch.no_grad():  # the value, from the whole batch (the shares only serve gradients)
         loss = loss_fn(0, logp_all, ent_all)
     return loss, logp_all, ent_all, gx, gw, gb
+
+
+def _two_pass(x, xs, ts, order, w, b, loss_fn, *, chunk, backend, need, want_entropy, **opts):
+    """fused_sequence_loss when whole sequences do not fit the budget (see there)."""
+    S, T, H = x.shape
+    acc = acc_dtype(x.dtype)
+    n = xs.shape[0]
+    vec = lambda: torch.zeros(n, dtype=acc, device=x.device)
+    lp, lse, mu = vec(), vec(), vec()
+    ent = vec() if want_entropy else None
+    pick = lambda v, s, e: None if v is None else v[s:e]
+
+    def stats(z, s, e):
+        LOGPROB_STATS[backend](z, ts[s:e], lp[s:e], pick(ent, s, e), lse[s:e], mu[s:e], **opts)
+
+    run_chunks(xs, w, b, stats, chunk=chunk)
+    rows = torch.arange(n, device=x.device) if order is None else order
+    where = (rows // T, rows % T)
+    with _autograd_enabled():
+        leaves = [v.detach().requires_grad_() for v in (lp, ent) if v is not None]
+        dense = [torch.zeros(S, T, dtype=acc, device=x.device).index_put(where, v) for v in leaves]
+        loss = loss_fn(0, dense[0], dense[1] if ent is not None else None)
+        g = list(torch.autograd.grad(loss, leaves, allow_unused=True)) if any(need) else []
+    logp_all = dense[0].detach()
+    ent_all = dense[1].detach() if ent is not None else None
+    if not any(need):
+        return loss.detach(), logp_all, ent_all, x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    g_lp = g[0]
+    g_ent = g[1] if ent is not None and len(g) > 1 else None
+
+    def grad(z, s, e):
+        LOGPROB_GRAD[backend](z, ts[s:e], lse[s:e], mu[s:e], pick(g_lp, s, e), pick(g_ent, s, e), **opts)
+
+    gx, gw, gb = run_chunks(xs, w, b, grad, chunk=chunk, need_gx=need[0], need_gw=need[1], need_gb=need[2])
+    if need[0]:
+        if order is not None:
+            gx = torch.zeros(S * T, H, dtype=x.dtype, device=x.device).index_copy_(0, order, gx)
+        gx = gx.reshape(S, T, H)
+    return loss.detach(), logp_all, ent_all, gx, gw, gb
 
 
 class _StoredGradients:
