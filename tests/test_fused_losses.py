@@ -154,6 +154,12 @@ def test_modules():
     (lambda h, w, y, m, o, a: linear_dpo_loss(h, h, w, y, y, a, a, label_smoothing=1.5), ValueError, "'label_smoothing'"),
     (lambda h, w, y, m, o, a: linear_dpo_loss(h, h[:2], w, y, y[:2], a, a), ValueError, "'rejected_hidden'"),
     (lambda h, w, y, m, o, a: linear_dpo_loss(h, h, w, y, y, a[:2], a), ValueError, "ref_chosen_logps"),
+    (lambda h, w, y, m, o, a: linear_dpo_loss(h, h, w, y, y[:, :3], a, a), ValueError, "'rejected_target'"),
+    (lambda h, w, y, m, o, a: linear_policy_loss(h, w, y.int(), o, a, m), TypeError, "'target'"),
+    (lambda h, w, y, m, o, a: linear_policy_loss(h, w, y, o.to("meta"), a, m), ValueError, "'old_logps' is on meta"),
+    (lambda h, w, y, m, o, a: linear_policy_loss(h, w, y, o, a, m, normalizer=torch.tensor(-1.0)), ValueError, "'normalizer'"),
+    (lambda h, w, y, m, o, a: linear_policy_loss(h, w, y, o, a, m, softcap=float("inf")), ValueError, "'softcap'"),
+    (lambda h, w, y, m, o, a: linear_policy_loss(h.double(), w, y, o, a, m), TypeError, "'hidden' has dtype|'weight' has dtype"),
 ])
 def test_bad_input(call, exc, pattern):
     h, w, b, y, mask, old, adv, _ = policy_batch()

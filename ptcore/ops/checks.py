@@ -1,6 +1,8 @@
 """Argument checks shared by the public ops: each failure names the argument."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -28,8 +30,8 @@ def number(op: str, name: str, value, *, low=None, high=None, low_open=False) ->
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{op}: '{name}' must be a number, got {type(value).__name__}")
     v = float(value)
-    if v != v:
-        raise ValueError(f"{op}: '{name}' must not be NaN")
+    if not math.isfinite(v):
+        raise ValueError(f"{op}: '{name}' must be a finite number, got {value}")
     if low is not None and (v <= low if low_open else v < low):
         raise ValueError(f"{op}: '{name}' must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and v > high:
@@ -55,29 +57,31 @@ def targets_in_range(op: str, target: torch.Tensor, vocab: int, ignore_index: in
                          f"[0, {vocab}) and not ignore_index ({ignore_index})")
 
 
-def lm_head(op, input, weight, target, bias, ignore_index, softcap):
-    """Checks shared by the fused LM-head ops; returns the softcap as a float (0 = off)."""
-    tensor(op, "input", input, min_ndim=1, dtypes=FLOAT_DTYPES)
+def lm_head(op, input, weight, target, bias, ignore_index, softcap, names=("input", "target")):
+    """Checks shared by the fused LM-head ops; returns the softcap as a float (0 = off).
+    ``names``: what the caller calls its hidden states and targets, for the messages."""
+    xn, tn = names
+    tensor(op, xn, input, min_ndim=1, dtypes=FLOAT_DTYPES)
     tensor(op, "weight", weight, ndim=2)
-    tensor(op, "target", target, dtypes=(torch.int64,))
-    same_device(op, "input", input, weight=weight, target=target, bias=bias)
+    tensor(op, tn, target, dtypes=(torch.int64,))
+    same_device(op, xn, input, weight=weight, bias=bias, **{tn: target})
     if weight.dtype != input.dtype:
-        raise TypeError(f"{op}: 'weight' has dtype {weight.dtype} but 'input' has {input.dtype}; "
+        raise TypeError(f"{op}: 'weight' has dtype {weight.dtype} but '{xn}' has {input.dtype}; "
                         "cast one (under autocast, cast the weight to the activations' dtype)")
     H = input.shape[-1]
     if weight.shape[1] != H:
-        raise ValueError(f"{op}: 'weight' must be (V, {H}) to match input's last dim {H}, got {tuple(weight.shape)}")
+        raise ValueError(f"{op}: 'weight' must be (V, {H}) to match {xn}'s last dim {H}, got {tuple(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError(f"{op}: 'weight' has V = 0 classes")
     if target.shape != input.shape[:-1]:
-        raise ValueError(f"{op}: 'target' must have shape {tuple(input.shape[:-1])} (input without its "
+        raise ValueError(f"{op}: '{tn}' must have shape {tuple(input.shape[:-1])} ('{xn}' without its "
                          f"last dim), got {tuple(target.shape)}")
     if bias is not None:
         tensor(op, "bias", bias, ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{op}: 'bias' must have length V = {weight.shape[0]}, got {bias.shape[0]}")
         if bias.dtype != input.dtype:
-            raise TypeError(f"{op}: 'bias' has dtype {bias.dtype} but 'input' has {input.dtype}")
+            raise TypeError(f"{op}: 'bias' has dtype {bias.dtype} but '{xn}' has {input.dtype}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: 'ignore_index' must be an int, got {type(ignore_index).__name__}")
     return 0.0 if softcap is None else number(op, "softcap", softcap, low=0.0, low_open=True)

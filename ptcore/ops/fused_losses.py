@@ -254,12 +254,15 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
     """
     op = "linear_policy_loss"
     checks.tensor(op, "hidden", hidden, ndim=3)
-    cap = checks.lm_head(op, hidden, weight, target, bias, ignore_index, softcap)
+    cap = checks.lm_head(op, hidden, weight, target, bias, ignore_index, softcap, names=("hidden", "target"))
     temp = checks.number(op, "temperature", temperature, low=0.0, low_open=True)
     for name, value in (("mask", mask), ("old_logps", old_logps), ("ref_logps", ref_logps)):
         if value is not None and (not isinstance(value, torch.Tensor) or value.shape != target.shape):
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"{op}: '{name}' must have the shape of 'target' {tuple(target.shape)}, got {got}")
+    checks.tensor(op, "advantages", advantages)
+    checks.same_device(op, "hidden", hidden, mask=mask, old_logps=old_logps, ref_logps=ref_logps,
+                       advantages=advantages)
     # policy_loss validates the options and the advantages on a stand-in batch.
     policy_loss(old_logps.detach(), old_logps, advantages, mask, ref_logps=ref_logps,
                         beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low,
@@ -368,8 +371,12 @@ def linear_dpo_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, 
     if rejected_hidden.shape[0] != chosen_hidden.shape[0]:
         raise ValueError(f"{op}: 'rejected_hidden' has {rejected_hidden.shape[0]} sequences but "
                          f"'chosen_hidden' has {chosen_hidden.shape[0]}")
-    cap = checks.lm_head(op, chosen_hidden, weight, chosen_target, bias, ignore_index, softcap)
-    checks.lm_head(op, rejected_hidden, weight, rejected_target, bias, ignore_index, softcap)
+    cap = checks.lm_head(op, chosen_hidden, weight, chosen_target, bias, ignore_index, softcap,
+                         names=("chosen_hidden", "chosen_target"))
+    checks.lm_head(op, rejected_hidden, weight, rejected_target, bias, ignore_index, softcap,
+                   names=("rejected_hidden", "rejected_target"))
+    checks.same_device(op, "chosen_hidden", chosen_hidden, rejected_hidden=rejected_hidden,
+                       ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     temp = checks.number(op, "temperature", temperature, low=0.0, low_open=True)
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = [1.0] * len(types) if loss_weights is None else [float(v) for v in loss_weights]

@@ -88,6 +88,10 @@ def _normalizer(value, default, acc, device):
             raise ValueError(f"{OP}: 'normalizer' must be a number or a one-element tensor, got "
                              f"shape {tuple(value.shape)}")
         value = value.reshape(())
+        # Value check on CPU only (elsewhere a host sync), and not while torch.compile traces.
+        if (value.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not bool(torch.isfinite(value) & (value >= 0))):
+            raise ValueError(f"{OP}: 'normalizer' must be a finite number >= 0, got {float(value)}")
     else:
         checks.number(OP, "normalizer", value, low=0, low_open=True)
     value = torch.as_tensor(value, dtype=acc, device=device)
