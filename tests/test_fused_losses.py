@@ -239,3 +239,11 @@ def test_whole_sequences_larger_than_the_budget_take_two_passes(backend):
     assert abs(float(l1) - float(l2)) < 1e-5 and abs(float(d1) - float(d2)) < 1e-5
     for a, c in zip(g1, g2):
         assert rel_err(a, c) < 1e-5
+
+
+def test_fp16_is_refused_clearly():
+    h, w, b, y, mask, old, adv, _ = policy_batch()
+    with pytest.raises(TypeError, match="'hidden' is float16"):
+        linear_policy_loss(h.half(), w.half(), y, old, adv, mask)
+    with pytest.raises(TypeError, match="'chosen_hidden' is float16"):
+        linear_dpo_loss(h.half(), h.half(), w.half(), y, y, adv, adv)

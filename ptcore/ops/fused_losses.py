@@ -150,6 +150,14 @@ def _two_pass(x, xs, ts, order, w, b, loss_fn, *, chunk, backend, need, want_ent
     return loss.detach(), logp_all, ent_all, gx, gw, gb
 
 
+def _no_fp16(op, name, hidden):
+    # The per-token loss gradients (of size 1/N) would underflow once written into fp16 logits;
+    # refuse rather than return a quietly wrong gradient.
+    if hidden.dtype == torch.float16:
+        raise TypeError(f"{op}: '{name}' is float16, whose logit gradients underflow in this fused "
+                        "loss; use bfloat16 (same speed, fp32's range) or float32")
+
+
 class _StoredGradients:
     """Autograd for ops whose forward already computed d(loss)/d(input, weight, bias): the first
     backward scales them in place by grad_output; another backward through the same graph
@@ -254,6 +262,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
     """
     op = "linear_policy_loss"
     checks.tensor(op, "hidden", hidden, ndim=3)
+    _no_fp16(op, "hidden", hidden)
     cap = checks.lm_head(op, hidden, weight, target, bias, ignore_index, softcap, names=("hidden", "target"))
     temp = checks.number(op, "temperature", temperature, low=0.0, low_open=True)
     for name, value in (("mask", mask), ("old_logps", old_logps), ("ref_logps", ref_logps)):
@@ -367,6 +376,7 @@ def linear_dpo_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, 
     """
     op = "linear_dpo_loss"
     checks.tensor(op, "chosen_hidden", chosen_hidden, ndim=3)
+    _no_fp16(op, "chosen_hidden", chosen_hidden)
     checks.tensor(op, "rejected_hidden", rejected_hidden, ndim=3)
     if rejected_hidden.shape[0] != chosen_hidden.shape[0]:
         raise ValueError(f"{op}: 'rejected_hidden' has {rejected_hidden.shape[0]} sequences but "

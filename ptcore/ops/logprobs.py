@@ -59,6 +59,14 @@ def compute_grads(x, w, t, b, lse, mu, g_logp, g_entropy, *, ignore_index, softc
         pick = lambda v: None if v is None else v.index_select(0, idx)
         x, t, lse, mu, g_logp, g_entropy = pick(x), pick(t), pick(lse), pick(mu), pick(g_logp), pick(g_entropy)
     grad = LOGPROB_GRAD[backend]
+    # fp16: incoming gradients of 1/N size would underflow once multiplied into the fp16 logits
+    # buffer, so they are scaled to O(1) first and the results unscaled in fp32 (no host sync).
+    unscale = None
+    if x.dtype == torch.float16:
+        peak = torch.stack([g.abs().max() if g is not None and g.numel() else torch.zeros((), device=x.device)
+                            for g in (g_logp, g_entropy)]).max()
+        unscale = torch.where(peak > 0, peak, torch.ones_like(peak))
+        g_logp, g_entropy = (None if g is None else g / unscale for g in (g_logp, g_entropy))
 
     def row_pass(z, s, e):
         grad(z, t[s:e], lse[s:e], mu[s:e], None if g_logp is None else g_logp[s:e],
@@ -67,6 +75,9 @@ def compute_grads(x, w, t, b, lse, mu, g_logp, g_entropy, *, ignore_index, softc
 
     gx, gw, gb = run_chunks(x, w, b, row_pass, chunk=DETERMINISTIC_ROWS if deterministic else chunk,
                             need_gx=need_gx, need_gw=need_gw, need_gb=need_gb, fixed_shape=deterministic)
+    if unscale is not None:
+        gx = (gx.float() * unscale).to(gx.dtype) if need_gx else gx
+        gw, gb = gw * unscale if need_gw else gw, gb * unscale if need_gb else gb
     return (scatter_rows(idx, N, gx) if need_gx else gx), gw, gb
 
 
