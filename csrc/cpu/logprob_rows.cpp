@@ -3,6 +3,7 @@
 // batch (the batch invariance the deterministic mode relies on).
 #include "ptcore/logprob_rows.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -57,7 +58,9 @@ void stats_impl(const LogprobRowsArgs& a) {
       for (int64_t j = 0; j < V; ++j) {
         const A z = row.u(j) * inv_t, e = fast_exp(z - m);
         d += e;
-        s1 += e > A(0) ? e * (z - m) : A(0);  // shifted by m for accuracy; mu = m + s1 / d
+        // Shifted by m for accuracy (mu = m + s1 / d); the max keeps a -inf logit's 0 * -inf at 0
+        // without a branch, so the loop stays vectorized.
+        s1 += e * std::max(z - m, A(-1e30));
       }
     } else {
       d = s1 = std::numeric_limits<A>::quiet_NaN();  // NaN / inf logits: say so, never hide it
@@ -94,7 +97,7 @@ void grad_impl(const LogprobRowsArgs& a) {
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) {
       const A u = row.u(j), z = u * inv_t, p = fast_exp(z - lse);
-      A g = (j == y ? glp : A(0)) - glp * p - (p > A(0) ? gh * p * (z - mu) : A(0));
+      A g = (j == y ? glp : A(0)) - glp * p - gh * p * std::max(z - mu, A(-1e30));
       if (kCap) g *= A(1) - (u * inv_cap) * (u * inv_cap);
       store(out[j], in_range ? g : std::numeric_limits<A>::quiet_NaN());
     }

@@ -1,12 +1,12 @@
 """RL losses straight from hidden states: the [N, V] logits never exist, and the work is 6NHV.
 
-Per chunk of whole sequences (a loss needs a sequence's every token: GSPO's ratio, DPO's sums):
-the logits GEMM, the stats pass (log-probs, entropy), the loss of those sequences -- its share of
-the batch loss, with the batch's global normalizer -- and, by autograd on those few numbers, the
-per-token gradients; then the gradient pass over the same logits and the two gradient GEMMs. The
-gradients are thus known in the forward; the backward scales them by grad_output (as the fused
-cross-entropy does). The loss algebra is that of policy.py and preference.py, so fused and
-unfused agree by construction.
+Per chunk of rows: the logits GEMM, the stats pass (log-probs, entropy), the loss of the chunk's
+tokens -- their share of the batch loss, with the batch's global normalizer -- and, by autograd on
+those few numbers, the per-token gradients; then the gradient pass over the same logits and the two
+gradient GEMMs. Losses made of per-token terms chunk anywhere; GSPO's sequence ratio and DPO's
+sequence sums need whole sequences (pairs) in a chunk. The gradients are thus known in the forward;
+the backward scales them by grad_output (as the fused cross-entropy does). The loss algebra is that
+of policy.py and preference.py, so fused and unfused agree by construction.
 """
 import contextlib
 from typing import Optional
