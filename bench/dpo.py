@@ -20,7 +20,7 @@ from bench import lm_head
 from bench.lm_head import (  # noqa: F401  (the registry interface, shared by the LM-head benchmarks)
     BASELINE, DEFAULT_DTYPE, DEFAULT_SIZES, LARGE_SIZES, SHARED, SIZE_KEYS, flops, reference,
     FEW_REPEATS as REPEATS)
-from bench.lm_head import bare_gemms, fwd_bwd, head_cases, head_inputs, missing
+from bench.lm_head import bare_gemms, fwd_bwd, head_inputs
 
 NAME = "linear_dpo_loss"
 TITLE = f"sigmoid DPO loss (beta 0.1), fwd+bwd, pairs of {lm_head.SEQ_LEN}-token sequences"
@@ -28,14 +28,8 @@ BETA = 0.1
 NOTES = {"Liger": "use_ref_model=False (no precomputed-reference input), same loss here"}
 
 
-def cases(device: str, dtype: torch.dtype) -> list[tuple[str, str | None]]:
-    return head_cases(device, dtype) + [("eager", None), ("Liger", missing("liger_kernel", "liger-kernel"))]
-
-
-def estimate_bytes(case: str, s: dict, dtype: torch.dtype) -> int:
-    """eager keeps ~3 fp32 copies of the [N, V] logits (logits, log-softmax, its grad), one more
-    in low precision (the logits before .float())."""
-    return lm_head.estimate_bytes(case, s, dtype, {"eager": 3 if dtype == torch.float32 else 4})
+# Shared with the other RL-loss benchmark: ptcore, eager and Liger, and eager's memory estimate.
+cases, estimate_bytes = lm_head.rl_loss_cases, lm_head.rl_loss_estimate_bytes
 
 
 def _inputs(s: dict, dtype: torch.dtype, device: str):

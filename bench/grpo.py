@@ -14,7 +14,7 @@ from bench import lm_head
 from bench.lm_head import (  # noqa: F401  (the registry interface, shared by the LM-head benchmarks)
     BASELINE, DEFAULT_DTYPE, DEFAULT_SIZES, LARGE_SIZES, SHARED, SIZE_KEYS, flops, reference,
     FEW_REPEATS as REPEATS)
-from bench.lm_head import bare_gemms, fwd_bwd, head_cases, head_inputs, missing
+from bench.lm_head import bare_gemms, fwd_bwd, head_inputs
 
 NAME = "linear_policy_loss"
 TITLE = f"GRPO loss (k3 KL, beta 0.04), fwd+bwd, sequences of {lm_head.SEQ_LEN} tokens"
@@ -22,14 +22,8 @@ LOSS = dict(loss_type="grpo", beta=0.04, kl_estimator="k3", epsilon_low=0.2, eps
 NOTES = {"Liger": "8NHV: recomputes the logits in its backward"}
 
 
-def cases(device: str, dtype: torch.dtype) -> list[tuple[str, str | None]]:
-    return head_cases(device, dtype) + [("eager", None), ("Liger", missing("liger_kernel", "liger-kernel"))]
-
-
-def estimate_bytes(case: str, s: dict, dtype: torch.dtype) -> int:
-    """eager keeps ~3 fp32 copies of the [N, V] logits (logits, log-softmax, its grad), one more
-    in low precision (the logits before .float())."""
-    return lm_head.estimate_bytes(case, s, dtype, {"eager": 3 if dtype == torch.float32 else 4})
+# Shared with the other RL-loss benchmark: ptcore, eager and Liger, and eager's memory estimate.
+cases, estimate_bytes = lm_head.rl_loss_cases, lm_head.rl_loss_estimate_bytes
 
 
 def _inputs(s: dict, dtype: torch.dtype, device: str):

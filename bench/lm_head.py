@@ -139,3 +139,14 @@ def fwd_bwd(fn, leaves, case: str = ""):
         for p in leaves:
             p.grad = None
     return step, reset
+
+
+def rl_loss_cases(device: str, dtype: torch.dtype) -> list[tuple[str, str | None]]:
+    """The RL-loss benchmarks' rows: the LM-head cases, eager, and Liger's chunked loss."""
+    return head_cases(device, dtype) + [("eager", None), ("Liger", missing("liger_kernel", "liger-kernel"))]
+
+
+def rl_loss_estimate_bytes(case: str, s: dict, dtype: torch.dtype) -> int:
+    """eager keeps ~3 fp32 copies of the [N, V] logits (logits, log-softmax, its grad), one more
+    in low precision (the logits before .float())."""
+    return estimate_bytes(case, s, dtype, {"eager": 3 if dtype == torch.float32 else 4})
