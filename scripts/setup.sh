@@ -34,7 +34,7 @@ if torch.version.cuda is not None:
 PYEOF
 fi
 pip install -q "triton; platform_system == 'Linux'" numpy pybind11 ninja pytest hypothesis psutil \
-  pytest-benchmark matplotlib tqdm
+  pytest-benchmark matplotlib tqdm transformers
 pip install -q --no-build-isolation -e ".${EXTRAS:+[$EXTRAS]}"
 echo "$want" > "$stamp"
 "$VENV/bin/python" -m ptcore info
