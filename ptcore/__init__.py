@@ -10,5 +10,8 @@ import torch  # noqa: F401
 
 from ptcore import nn, ops  # noqa: E402
 from ptcore.ops import BackendUnavailable, chunk_budget, use_backend  # noqa: E402
+# The functions; the package is ptcore.patching (ptcore.patch.SUPPORTED still works).
+from ptcore.patching import patch, patch_class, unpatch  # noqa: E402
 
-__all__ = ["BackendUnavailable", "chunk_budget", "nn", "ops", "use_backend", "__version__"]
+__all__ = ["BackendUnavailable", "chunk_budget", "nn", "ops", "patch", "patch_class", "unpatch",
+           "use_backend", "__version__"]
