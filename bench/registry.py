@@ -32,6 +32,7 @@ BENCHMARKS = {
     "linear_logprobs": "bench.logprobs",
     "linear_policy_loss": "bench.grpo",
     "linear_dpo_loss": "bench.dpo",
+    "radix_cache": "bench.radix",
 }
 
 
