@@ -4,9 +4,9 @@ tails), into an empty cache, with ptcore's C++ tree (through its Python wrapper,
 included), with the brute-force Python model the property tests use (RadixModel), and, for
 scale, with a plain Python radix tree (PythonTrie below: no checks, locks or eviction).
 
-The interface is bench/registry.py's. This is not a FLOP benchmark: ``flops`` is the number of
-operations (2N: one match and one insert per sequence), so the table's ``GFLOP/s`` column is 10^9
-operations per second and ``of GEMM`` is the rate relative to the baseline row, the Python model:
+The interface is bench/registry.py's. This is not a FLOP benchmark: ``flops`` counts operations
+(UNIT = "op"; 2N: one match and one insert per sequence), so the table shows operations per second
+and the rate relative to the baseline row, the Python model:
 ptcore's speedup over it (target >= 20). ``python -m bench.radix`` prints the same comparison in
 operations per second.
 
@@ -31,6 +31,7 @@ SIZE_KEYS = ("N", "T", "P")  # sequences, max tokens per sequence, page size
 DEFAULT_SIZES = {"cpu": {"N": 1000, "T": 128, "P": 1}, "cuda": {"N": 1000, "T": 128, "P": 1}}
 LARGE_SIZES = {"N": 1000, "T": 512, "P": 16}
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "float32"}  # unused: no tensors
+UNIT = "op"
 BASELINE = "python model"
 REPEATS = {"cpu": 3, "cuda": 3}
 NOTES = {"ptcore[cpp]": "C++ trie (csrc/cpu/radix_cache.cpp) through ptcore.cache.RadixCache",

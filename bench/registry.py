@@ -20,6 +20,8 @@ and optionally:
   SHARED                 {case: key}: cases whose work depends only on sizes and dtype (the bare
                          GEMMs); the runner measures each key once per suite run and reuses it
   REPEATS                {"cpu": R, "cuda": R}: this benchmark's default timed runs per case
+  UNIT                   the unit of work flops() counts when it is not FLOPs ("token", "op"): the
+                         table then shows units/s and the rate relative to BASELINE
 
 The LM-head benchmarks (linear_ce, logprobs, grpo, dpo) take their sizes, baseline, inputs and
 fwd+bwd step from bench/lm_head.py.

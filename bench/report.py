@@ -10,13 +10,24 @@ def _num(v, fmt):
     return "-" if v is None else format(v, fmt)
 
 
-def _columns(ref: str):
+def _rate_headers(meta: dict) -> tuple[str, str]:
+    """Headers of the rate column and of the fraction-of-baseline column: FLOP benchmarks compare
+    with the bare GEMMs; others (UNIT = "token", "op", ...) with their own baseline row."""
+    unit = meta.get("unit", "FLOP")
+    if unit == "FLOP":
+        return "GFLOP/s", "of GEMM"
+    return f"{unit}s/s", f"rate / {meta['baseline']}"
+
+
+def _columns(meta: dict):
     """(header, cell) pairs; a cell is '-' where a case did not run, and its status goes in 'note'."""
+    ref, (rate_head, frac_head) = meta["reference"], _rate_headers(meta)
+    flop = meta.get("unit", "FLOP") == "FLOP"
     return [
         ("implementation", lambda r: r["name"]),
         ("median s", lambda r: _num(r.get("median_s"), ".4g")),
-        ("GFLOP/s", lambda r: _num(r.get("gflops"), ".1f")),
-        ("of GEMM", lambda r: _num(r.get("frac_of_gemm"), ".3f")),
+        (rate_head, lambda r: _num(r.get("gflops") if flop else r.get("rate"), ".1f" if flop else ".4g")),
+        (frac_head, lambda r: _num(r.get("frac_of_gemm"), ".3f")),
         ("extra peak MB", lambda r: _num(r.get("extra_peak_mb"), ".0f")),
         (f"time / {ref}", lambda r: _num(r.get("time_ratio"), ".2f")),
         (f"mem / {ref}", lambda r: _num(r.get("mem_ratio"), ".2f")),
@@ -26,7 +37,7 @@ def _columns(ref: str):
 
 
 def tables(meta: dict, records: list[dict]) -> tuple[str, str]:
-    cols = _columns(meta["reference"])
+    cols = _columns(meta)
     rows = [[cell(r) for _, cell in cols] for r in records]
     heads = [h for h, _ in cols]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(heads)]
@@ -55,7 +66,9 @@ def plot(path: Path, meta: dict, records: list[dict]) -> None:
     colors = ["tab:orange" if n == meta["reference"] else "#f5c28b" if n.startswith("ptcore") else "tab:gray"
               for n in names]  # ptcore highlighted, its default backend most
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(ok) + 1.8), sharey=True)
-    panels = [("frac_of_gemm", "fraction of the bare-GEMM FLOP rate (1.0 = limit)", "{:.2f}"),
+    frac_label = ("fraction of the bare-GEMM FLOP rate (1.0 = limit)" if meta.get("unit", "FLOP") == "FLOP"
+                  else f"{meta.get('unit')} rate relative to {meta['baseline']}")
+    panels = [("frac_of_gemm", frac_label, "{:.2f}"),
               ("extra_peak_mb", f"extra peak memory (MB, {meta['memory']})", "{:.0f}")]
     for ax, (key, label, fmt) in zip(axes, panels):
         vals = [r.get(key) or 0.0 for r in ok][::-1]

@@ -37,12 +37,14 @@ def _parse(argv):
 
 
 def _derive(records, flops, baseline, ref):
-    """Adds median, GFLOP/s, fraction of the bare-GEMM rate and the ratios to ptcore's default."""
+    """Adds median, the work rate (GFLOP/s, or units/s for a benchmark with its own UNIT), the
+    fraction of the baseline's rate and the ratios to ptcore's default."""
     by = {r["name"]: r for r in records}
     for r in records:
         if r["status"] == "ok":
             r["median_s"] = statistics.median(r["times"])
-            r["gflops"] = flops / r["median_s"] / 1e9
+            r["rate"] = flops / r["median_s"]
+            r["gflops"] = r["rate"] / 1e9
             r["extra_peak_mb"] = r["extra_peak_bytes"] / 1e6
     base, pt = by.get(baseline, {}), by.get(ref, {})
     for r in records:
@@ -95,6 +97,7 @@ def _run_sizes(bench, sizes, dtype_name, args, device, out_dir, busy, shared) ->
     meta = {"benchmark": bench.NAME, "device": harness.device_name(device), "device_type": device,
             "torch": torch.__version__, "ptcore": ptcore.__version__, "threads": threads,
             "sizes": sizes, "dtype": dtype_name, "repeats": repeats, "flops": bench.flops(sizes),
+            "unit": getattr(bench, "UNIT", "FLOP"),
             "baseline": bench.BASELINE, "reference": ref, "memory": MEMORY[device],
             "cpu_busy_percent_at_start": busy,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
