@@ -35,6 +35,8 @@ BENCHMARKS = {
     "linear_policy_loss": "bench.grpo",
     "linear_dpo_loss": "bench.dpo",
     "radix_cache": "bench.radix",
+    "paged_attention_decode": "bench.paged_attention",
+    "paged_attention_extend": "bench.paged_attention_extend",
 }
 
 

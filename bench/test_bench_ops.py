@@ -39,3 +39,16 @@ def test_linear_logprobs_fwd_bwd(benchmark, case):
 @pytest.mark.parametrize("case", ["ptcore[cpu]", "ptcore[torch]", "eager"])
 def test_linear_policy_loss_fwd_bwd(benchmark, case):
     _fwd_bwd(benchmark, "linear_policy_loss", case)
+
+
+@pytest.mark.parametrize("name,sizes", [("paged_attention_decode", {"B": 4, "L": 300, "Q": 1, "S": 16}),
+                                        ("paged_attention_extend", {"B": 2, "L": 40, "Q": 24, "S": 16})])
+@pytest.mark.parametrize("case", ["ptcore[cpu]", "ptcore[torch]", "torch SDPA (contiguous)"])
+def test_paged_attention(benchmark, name, sizes, case):
+    bench = registry.load(name)
+    why = dict(bench.cases("cpu", torch.float32))[case]
+    if why:
+        pytest.skip(why)
+    step, reset = bench.build(case, sizes, torch.float32, "cpu")
+    benchmark.group = f"{name} " + " ".join(f"{k}={v}" for k, v in sizes.items()) + " fp32"
+    benchmark.pedantic(step, setup=reset, rounds=3, warmup_rounds=1)

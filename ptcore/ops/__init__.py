@@ -5,9 +5,11 @@ from ptcore.ops.cross_entropy import linear_cross_entropy
 from ptcore.ops.dispatch import BACKENDS, BackendUnavailable, use_backend
 from ptcore.ops.fused_losses import linear_dpo_loss, linear_policy_loss
 from ptcore.ops.logprobs import linear_logprobs
+from ptcore.ops.paged_attention import copy_pages, paged_attention_decode, paged_attention_extend, write_kv
 from ptcore.ops.policy import kl_penalty, policy_loss
 from ptcore.ops.preference import dpo_loss
 
 __all__ = ["BACKENDS", "BackendUnavailable", "chunk_budget", "dpo_loss", "gae", "group_advantages",
            "kl_penalty", "linear_cross_entropy", "linear_dpo_loss", "linear_logprobs", "linear_policy_loss",
            "policy_loss", "use_backend"]
+__all__ += ["copy_pages", "paged_attention_decode", "paged_attention_extend", "write_kv"]

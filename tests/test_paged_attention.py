@@ -1,0 +1,417 @@
+"""Paged attention (decode, extend, write_kv, copy_pages) on every backend here against a float64
+oracle written position by position from the block table (tolerances: shared/reference/kernels.md
+section 2), plus the argument checks of the Python and C++ layers."""
+import math
+
+import pytest
+import torch
+
+import ptcore
+from ptcore.ops import (BackendUnavailable, copy_pages, paged_attention_decode, paged_attention_extend,
+                        write_kv)
+from ptcore.ops import paged_backends
+from tests.conftest import cpu_backends
+from tests.reference import rel_err
+
+BACKENDS = cpu_backends()
+NOT_TRITON = [b for b in BACKENDS if getattr(b, "values", (b,))[0] != "triton"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The oracle runs thousands of tiny ops: torch's thread pool only adds spin time to them (40x
+    CPU time measured on the shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def oracle(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale=None, softcap=None,
+           tree_mask=None, dtype=torch.float64):
+    """Token by token: the visible positions listed explicitly, K/V read slot by slot. ``dtype``:
+    float64 for the oracle, bf16/fp16 for the naive low-precision baseline."""
+    S, Hkv, D = k_cache.shape[1:]
+    Hq = q.shape[1]
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    out = torch.zeros(q.shape, dtype=dtype)
+    cu = cu_seqlens_q.tolist()
+    for b, L in enumerate(seq_lens.tolist()):
+        n = cu[b + 1] - cu[b]
+        prefix = L - n
+        slots = [(int(block_table[b, p // S]), p % S) for p in range(L)]
+        K = torch.stack([k_cache[pg, o] for pg, o in slots]).to(dtype) if L else None  # [L, Hkv, D]
+        V = torch.stack([v_cache[pg, o] for pg, o in slots]).to(dtype) if L else None
+        for j in range(n):
+            t = cu[b] + j
+            seen = [p for p in range(L) if p < prefix or
+                    (bool(tree_mask[t, p - prefix]) if tree_mask is not None else p - prefix <= j)]
+            if not seen:
+                continue
+            kv_head = torch.arange(Hq) // (Hq // Hkv)  # query head h reads KV head h // G
+            Ks, Vs = K[seen][:, kv_head], V[seen][:, kv_head]  # [len(seen), Hq, D]
+            s = torch.einsum("hd,lhd->hl", q[t].to(dtype), Ks) * scale
+            if softcap:
+                s = softcap * torch.tanh(s / softcap)
+            out[t] = torch.einsum("hl,lhd->hd", torch.softmax(s, 1), Vs)
+    return out
+
+
+def make_case(page_size, Hkv, G, D, lens, q_lens, dtype=torch.float32, tree=False, spare_pages=7):
+    """Shuffled, non-contiguous pages; unused block-table entries are -1 and every slot no sequence
+    owns is NaN, so reading a wrong page or a position past seq_lens poisons the output."""
+    B = len(lens)
+    need = [(L + page_size - 1) // page_size for L in lens]
+    P = sum(need) + spare_pages
+    k = torch.full((P, page_size, Hkv, D), float("nan"))
+    v = torch.full((P, page_size, Hkv, D), float("nan"))
+    perm = torch.randperm(P).tolist()
+    table = torch.full((B, max(need + [1]) + 2), -1, dtype=torch.int32)
+    for b, L in enumerate(lens):
+        for i in range(need[b]):
+            page = perm.pop()
+            table[b, i] = page
+            used = min(page_size, L - i * page_size)
+            k[page, :used] = torch.randn(used, Hkv, D)
+            v[page, :used] = torch.randn(used, Hkv, D)
+    q = torch.randn(sum(q_lens), Hkv * G, D)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    mask = None
+    if tree:
+        mask = torch.rand(sum(q_lens), max(q_lens + [1]) + 1) < 0.5
+        for b, n in enumerate(q_lens):  # a tree: every token sees itself
+            mask[cu[b] + torch.arange(n), torch.arange(n)] = True
+    return dict(q=q.to(dtype), k_cache=k.to(dtype), v_cache=v.to(dtype), block_table=table,
+                seq_lens=torch.tensor(lens, dtype=torch.int32), cu_seqlens_q=cu, tree_mask=mask)
+
+
+def extend(backend, c, **opts):
+    with ptcore.use_backend(backend):
+        return paged_attention_extend(c["q"], c["k_cache"], c["v_cache"], c["block_table"], c["seq_lens"],
+                                      c["cu_seqlens_q"], tree_mask=c["tree_mask"], **opts)
+
+
+def decode(backend, c, **opts):
+    with ptcore.use_backend(backend):
+        return paged_attention_decode(c["q"], c["k_cache"], c["v_cache"], c["block_table"], c["seq_lens"], **opts)
+
+
+def reference(c, dtype=torch.float64, **opts):
+    return oracle(c["q"], c["k_cache"], c["v_cache"], c["block_table"], c["seq_lens"], c["cu_seqlens_q"],
+                  tree_mask=c["tree_mask"], dtype=dtype, **opts)
+
+
+def _name(b):
+    return getattr(b, "values", (b,))[0]
+
+
+# lengths: 1, page boundaries (S, 2S), one past a boundary, and longer
+def decode_lens(S, big):
+    return [1, S, 2 * S, S + 1, 37] + ([300] if big else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_decode_matches_float64(backend, page_size):
+    big = _name(backend) != "triton"
+    for G, D in [(1, 64), (2, 80), (4, 16 if not big else 64)]:
+        c = make_case(page_size, 2, G, D, decode_lens(page_size, big), [1] * (6 if big else 5))
+        out = decode(backend, c)
+        assert out.shape == c["q"].shape and out.dtype == torch.float32
+        assert rel_err(out, reference(c)) < 1e-5, (G, D)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_extend_matches_float64(backend, page_size):
+    """Ragged new-token counts, one sequence with nothing new (0), one with an empty prefix."""
+    S = page_size
+    lens, q_lens = [5, 2 * S, 40, 3, 17], [2, 2 * S, 19, 0, 17]
+    for G, D in [(1, 64), (2, 80), (4, 32)]:
+        c = make_case(S, 2, G, D, lens, q_lens)
+        out = extend(backend, c)
+        assert rel_err(out, reference(c)) < 1e-5, (G, D)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_scale_and_tree_mask(backend):
+    c = make_case(4, 1, 2, 24, [9, 6, 12], [4, 6, 5], tree=True)
+    c["tree_mask"][0, :] = False  # an empty-prefix row that sees nothing would be zeros; this one has a prefix
+    opts = dict(softcap=2.5, scale=0.3)
+    assert rel_err(extend(backend, c, **opts), reference(c, **opts)) < 1e-5
+    d = make_case(4, 2, 2, 24, [9, 1, 12], [1, 1, 1])
+    assert rel_err(decode(backend, d, **opts), reference(d, **opts)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_that_sees_nothing_is_zero(backend):
+    c = make_case(4, 1, 1, 16, [3], [3], tree=True)  # empty prefix
+    c["tree_mask"][1, :] = False
+    out = extend(backend, c)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert rel_err(out, reference(c)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_equals_extend_of_one_token(backend):
+    c = make_case(16, 2, 2, 64, [1, 16, 33], [1, 1, 1])
+    torch.testing.assert_close(decode(backend, c), extend(backend, c), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    """q as a slice of a packed qkv projection, a column slice of a wider block table, one layer of a
+    pool: read through their strides, as the engine passes them."""
+    c = make_case(4, 2, 2, 16, [9, 6, 12], [3, 6, 1])
+    T, Hq, D = c["q"].shape
+    qkv = torch.randn(T, Hq + 4, D)
+    qkv[:, :Hq] = c["q"]
+    wide = torch.full((3, c["block_table"].shape[1] + 3), -1, dtype=torch.int32)
+    wide[:, 1:1 + c["block_table"].shape[1]] = c["block_table"]
+    pool = torch.stack([c["k_cache"], c["v_cache"]])
+    strided = {**c, "q": qkv[:, :Hq], "block_table": wide[:, 1:], "k_cache": pool[0], "v_cache": pool[1]}
+    assert not strided["q"].is_contiguous() and not strided["block_table"].is_contiguous()
+    assert rel_err(extend(backend, strided), reference(c)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", NOT_TRITON)
+def test_float64_inputs(backend):
+    c = make_case(16, 2, 2, 80, [7, 33], [3, 33], dtype=torch.float64)
+    out = extend(backend, c)
+    assert out.dtype == torch.float64 and rel_err(out, reference(c)) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_criterion(backend, dtype):
+    """Error vs float64 <= the naive PyTorch computation in the same dtype + 1e-2 (relative)."""
+    if _name(backend) == "triton" and dtype == torch.bfloat16:
+        pytest.skip("triton: bf16 tl.dot is broken in the CPU interpreter (kernels.md section 4)")
+    c = make_case(16, 2, 4, 80, [40, 17, 1], [9, 17, 1], dtype=dtype)
+    out = extend(backend, c)
+    assert out.dtype == dtype
+    ref = reference(c)
+    assert rel_err(out, ref) <= rel_err(reference(c, dtype=dtype), ref) + 1e-2
+    d = make_case(16, 2, 2, 64, [40, 17, 1], [1, 1, 1], dtype=dtype)
+    out = decode(backend, d)
+    ref = reference(d)
+    assert rel_err(out, ref) <= rel_err(reference(d, dtype=dtype), ref) + 1e-2
+
+
+def test_cpu_split_decode_long_context_and_batch_invariance():
+    """Contexts past the C++ kernel's split length (256 keys) merge their partials exactly, and a
+    sequence's output does not depend on the batch it shares."""
+    if dispatch_why("cpu"):
+        pytest.skip(f"backend cpu: {dispatch_why('cpu')}")
+    c = make_case(16, 2, 4, 64, [1000, 257, 256, 3], [1, 1, 1, 1])
+    out = decode("cpu", c)
+    assert rel_err(out, reference(c)) < 1e-5
+    alone = decode("cpu", {**c, "q": c["q"][:1], "block_table": c["block_table"][:1], "seq_lens": c["seq_lens"][:1]})
+    assert torch.equal(alone, out[:1])
+    assert torch.equal(decode("cpu", c), out)  # repeatable
+
+
+def dispatch_why(backend):
+    from ptcore.ops import dispatch
+    return dispatch.cannot_run(backend, torch.device("cpu"), torch.float32)
+
+
+def test_default_backend_on_cpu_and_forcing():
+    c = make_case(16, 2, 2, 16, [5], [1])
+    expected = "cpu" if paged_backends._cpu_kernel() is not None else "torch"
+    assert paged_backends.pick(c["q"], 16, None) == expected
+    with ptcore.use_backend("torch"):
+        assert paged_backends.pick(c["q"], 16, None) == "torch"
+    with ptcore.use_backend("cuda"), pytest.raises(BackendUnavailable, match="flash-attn"):
+        decode("cuda", c)
+
+
+def test_flash_attn_backend():
+    why = paged_backends.flash_why_not(torch.empty(1, 1, 16, device="cuda" if torch.cuda.is_available() else "cpu",
+                                                   dtype=torch.float16), 256, None)
+    if why is not None:
+        pytest.skip(f"flash-attn backend: {why}")
+    c = make_case(256, 2, 2, 64, [300, 5], [1, 1], dtype=torch.float16)
+    c = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+    c["k_cache"], c["v_cache"] = c["k_cache"].nan_to_num(), c["v_cache"].nan_to_num()
+    out = decode("cuda", c).cpu()
+    cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+    ref = reference(cpu)
+    assert rel_err(out, ref) <= rel_err(reference(cpu, dtype=torch.float16), ref) + 1e-2
+
+
+# ---- write_kv and copy_pages ----
+
+def test_write_kv_round_trip():
+    P, S, Hkv, D = 6, 4, 2, 8
+    for make in (lambda: torch.zeros(P, S, Hkv, D), lambda: torch.zeros(S, P, Hkv, D).transpose(0, 1)):
+        kc, vc = make(), make()  # contiguous, and a strided layout (the general path)
+        slots = torch.randperm(P * S)[:10]
+        k, v = torch.randn(10, Hkv, D), torch.randn(10, Hkv, D)
+        write_kv(kc, vc, slots, k, v)
+        torch.testing.assert_close(kc[slots // S, slots % S], k, rtol=0, atol=0)
+        torch.testing.assert_close(vc[slots // S, slots % S], v, rtol=0, atol=0)
+        others = torch.ones(P * S, dtype=torch.bool)
+        others[slots] = False
+        rest = others.nonzero()[:, 0]
+        assert kc[rest // S, rest % S].abs().sum() == 0 and vc[rest // S, rest % S].abs().sum() == 0
+
+
+def test_write_then_attend():
+    """The engine's order: write the new token's K/V, then decode over it."""
+    S, Hkv, D = 4, 1, 16
+    kc, vc = torch.zeros(5, S, Hkv, D), torch.zeros(5, S, Hkv, D)
+    table = torch.tensor([[3, 0]], dtype=torch.int32)
+    pos = torch.arange(6)
+    slots = table[0, pos // S].long() * S + pos % S
+    k, v = torch.randn(6, Hkv, D), torch.randn(6, Hkv, D)
+    write_kv(kc, vc, slots, k, v)
+    q = torch.randn(1, 2, D)
+    out = paged_attention_decode(q, kc, vc, table, torch.tensor([6], dtype=torch.int32))
+    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k.transpose(0, 1)[None].expand(1, 2, 6, D),
+                                                           v.transpose(0, 1)[None].expand(1, 2, 6, D))
+    torch.testing.assert_close(out, ref[:, :, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["disjoint", "rotation", "chain", "self", "swap"])
+def test_copy_pages_any_overlap(case):
+    L, P, S, Hkv, D = 3, 8, 4, 2, 5
+    k, v = torch.randn(L, P, S, Hkv, D), torch.randn(L, P, S, Hkv, D)
+    src, dst = {"disjoint": ([0, 1], [5, 6]), "rotation": ([1, 2, 3], [2, 3, 1]), "chain": ([0, 1, 2], [1, 2, 3]),
+                "self": ([4], [4]), "swap": ([6, 2], [2, 6])}[case]
+    ek, ev = k.clone(), v.clone()
+    ek[:, dst], ev[:, dst] = k[:, src].clone(), v[:, src].clone()  # what a snapshot copy gives
+    copy_pages(k, v, torch.tensor(src), torch.tensor(dst, dtype=torch.int32))
+    assert torch.equal(k, ek) and torch.equal(v, ev)
+
+
+def test_copy_pages_bad_input():
+    k, v = torch.randn(2, 4, 2, 1, 3), torch.randn(2, 4, 2, 1, 3)
+    with pytest.raises(ValueError, match="'dst'"):
+        copy_pages(k, v, torch.tensor([0, 1]), torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match="'src'"):
+        copy_pages(k, v, torch.tensor([4]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="'dst'"):
+        copy_pages(k, v, torch.tensor([0]), torch.tensor([-1]))
+    with pytest.raises(ValueError, match="'src'"):
+        copy_pages(k, v, torch.tensor([0, 1]), torch.tensor([2]))
+    with pytest.raises(ValueError, match="'v_pool'"):
+        copy_pages(k, v[:, :3], torch.tensor([0]), torch.tensor([1]))
+    with pytest.raises(TypeError, match="'src'"):
+        copy_pages(k, v, torch.tensor([0.0]), torch.tensor([1]))
+
+
+def test_write_kv_bad_input():
+    kc, vc = torch.zeros(2, 4, 1, 3), torch.zeros(2, 4, 1, 3)
+    k = torch.randn(2, 1, 3)
+    with pytest.raises(ValueError, match="'slots'"):
+        write_kv(kc, vc, torch.tensor([0, 8]), k, k)
+    with pytest.raises(ValueError, match="'slots'"):
+        write_kv(kc, vc, torch.tensor([-1, 0]), k, k)
+    with pytest.raises(ValueError, match="'v'"):
+        write_kv(kc, vc, torch.tensor([0, 1]), k, k[:1])
+    with pytest.raises(TypeError, match="'k'"):
+        write_kv(kc, vc, torch.tensor([0, 1]), k.double(), k)
+    with pytest.raises(TypeError, match="'slots'"):
+        write_kv(kc, vc, torch.tensor([0, 1], dtype=torch.int32), k, k)
+    with pytest.raises(ValueError, match="'slots'"):
+        write_kv(kc, vc, torch.tensor([0, 1], device="meta"), k, k)
+
+
+# ---- bad input to the attention ops ----
+
+def _bad_cases():
+    """(name, change to a valid extend case, error type, argument the message must name)."""
+    def edit(**kw):
+        return lambda c: c.update(kw)
+
+    def with_(key, fn):
+        return lambda c: c.update({key: fn(c[key])})
+
+    def page_out_of_range(c):
+        c["block_table"] = c["block_table"].clone()
+        c["block_table"][1, 0] = c["k_cache"].shape[0]
+
+    def negative_page(c):
+        c["block_table"] = c["block_table"].clone()
+        c["block_table"][0, 0] = -1
+
+    return [
+        ("seq_lens beyond capacity", with_("seq_lens", lambda s: s + torch.tensor([0, 1000], dtype=torch.int32)), ValueError, "seq_lens"),
+        ("seq_lens below q_len", with_("seq_lens", lambda s: s - torch.tensor([0, 8], dtype=torch.int32)), ValueError, "seq_lens"),
+        ("page id out of range", page_out_of_range, ValueError, "block_table"),
+        ("negative page id", negative_page, ValueError, "block_table"),
+        ("cu_seqlens_q not ending at T", with_("cu_seqlens_q", lambda cu: cu - torch.tensor([0, 0, 1], dtype=torch.int32)), ValueError, "cu_seqlens_q"),
+        ("cu_seqlens_q decreasing", edit(cu_seqlens_q=torch.tensor([0, 9, 5], dtype=torch.int32)), ValueError, "cu_seqlens_q"),
+        ("cu_seqlens_q wrong length", with_("cu_seqlens_q", lambda cu: cu[:2]), ValueError, "cu_seqlens_q"),
+        ("Hq % Hkv != 0", with_("q", lambda q: q[:, :3]), ValueError, "heads"),
+        ("head dim mismatch", with_("q", lambda q: q[..., :7]), ValueError, "head_dim"),
+        ("q 2-D", with_("q", lambda q: q[:, 0]), ValueError, "'q'"),
+        ("k/v shapes differ", with_("v_cache", lambda v: v[:-1]), ValueError, "v_cache"),
+        ("block_table rows", with_("block_table", lambda t: t[:1]), ValueError, "block_table"),
+        ("q dtype vs cache", with_("q", lambda q: q.double()), TypeError, "k_cache"),
+        ("v dtype", with_("v_cache", lambda v: v.double()), TypeError, "v_cache"),
+        ("int64 block_table", with_("block_table", lambda t: t.long()), TypeError, "block_table"),
+        ("int64 seq_lens", with_("seq_lens", lambda t: t.long()), TypeError, "seq_lens"),
+        ("float tree_mask", edit(tree_mask=torch.ones(9, 9)), TypeError, "tree_mask"),
+        ("tree_mask rows", edit(tree_mask=torch.ones(8, 9, dtype=torch.bool)), ValueError, "tree_mask"),
+        ("tree_mask columns", edit(tree_mask=torch.ones(9, 2, dtype=torch.bool)), ValueError, "tree_mask"),
+        ("device", with_("seq_lens", lambda s: s.to("meta")), ValueError, "seq_lens"),
+        ("softcap <= 0", None, ValueError, "softcap"),
+        ("scale not finite", None, ValueError, "scale"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,change,err,arg", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_extend_bad_input(backend, name, change, err, arg):
+    c = make_case(4, 2, 2, 8, [10, 12], [4, 5])
+    opts = {}
+    if change is None:
+        opts = {"softcap": 0.0} if arg == "softcap" else {"scale": float("inf")}
+    else:
+        change(c)
+    with pytest.raises(err, match=arg):
+        extend(backend, c, **opts)
+
+
+@pytest.mark.parametrize("backend", NOT_TRITON)
+def test_decode_bad_input(backend):
+    c = make_case(4, 2, 2, 8, [10, 12], [1, 1])
+    with pytest.raises(ValueError, match="seq_lens"):
+        decode(backend, {**c, "seq_lens": torch.tensor([0, 12], dtype=torch.int32)})  # no new token
+    with pytest.raises(ValueError, match="seq_lens"):
+        decode(backend, {**c, "seq_lens": torch.tensor([10, 100], dtype=torch.int32)})
+    with pytest.raises(ValueError, match="'q' has 1 sequences"):
+        decode(backend, {**c, "q": c["q"][:1]})
+    with pytest.raises(ValueError, match="heads"):
+        decode(backend, {**c, "q": c["q"][:, :3]})
+
+
+def test_cpp_layer_checks_again():
+    """ptcore._C.paged_attention raises ValueError naming the argument without the Python checks."""
+    if paged_backends._cpu_kernel() is None:
+        pytest.skip("backend cpu: ptcore._C has no paged_attention")
+    c = make_case(4, 2, 2, 8, [10, 12], [4, 5])
+    q, k, v, bt, sl, cu = (c[n] for n in ("q", "k_cache", "v_cache", "block_table", "seq_lens", "cu_seqlens_q"))
+    out = torch.empty_like(q)
+
+    def call(dtype="float32", q_heads=4, kv_heads=2, seq_lens=sl, table=bt, cu=cu, tokens=9, mask_cols=0, mask=0):
+        paged_backends._cpu_kernel()(
+            dtype, q.data_ptr(), tokens, q_heads, 8, q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
+            k.shape[0], 4, kv_heads, *k.stride()[:3], *v.stride()[:3], table.data_ptr(), 2, table.shape[1],
+            table.stride(0), seq_lens.data_ptr(), 0 if cu is None else cu.data_ptr(), mask, mask_cols, 0.5, 0.0,
+            out.data_ptr())
+
+    call()  # valid
+    bad_table = bt.clone()
+    bad_table[1, 1] = 999
+    tm = torch.ones(9, 2, dtype=torch.bool)
+    for kwargs, arg in [(dict(dtype="int8"), "dtype"), (dict(q_heads=3), "heads"), (dict(kv_heads=0), "heads"),
+                        (dict(seq_lens=torch.tensor([10, 999], dtype=torch.int32)), "seq_lens"),
+                        (dict(seq_lens=torch.tensor([3, 12], dtype=torch.int32)), "seq_lens"),
+                        (dict(table=bad_table), "block_table"), (dict(tokens=8), "cu_seqlens_q"),
+                        (dict(cu=torch.tensor([0, 5, 4], dtype=torch.int32)), "cu_seqlens_q"),
+                        (dict(cu=None), "sequences"), (dict(mask=tm.data_ptr(), mask_cols=2), "tree_mask")]:
+        with pytest.raises(ValueError, match=arg):
+            call(**kwargs)
