@@ -35,6 +35,9 @@ BENCHMARKS = {
     "linear_policy_loss": "bench.grpo",
     "linear_dpo_loss": "bench.dpo",
     "radix_cache": "bench.radix",
+    "ttc_best_of_n": "bench.ttc_best_of_n",  # test-time search on the engine (bench/ttc.py)
+    "ttc_beam_search": "bench.ttc_beam",
+    "ttc_mcts": "bench.ttc_mcts",
     "paged_attention_decode": "bench.paged_attention",
     "paged_attention_extend": "bench.paged_attention_extend",
 }

@@ -1,0 +1,9 @@
+"""ptcore's inference engine for test-time compute: :class:`Engine` (paged KV cache, radix prefix
+reuse, batched prefill and decode, forks, rollback), :class:`SamplingParams`, :class:`Completion`."""
+from ptcore.engine.engine import Completion, Engine, EngineStats, Recording, Seq
+from ptcore.engine.model import SUPPORTED_MODEL_TYPES, CompactModel
+from ptcore.engine.sampling import SamplingParams, sample
+from ptcore.engine.tree import TokenTrie
+
+__all__ = ["CompactModel", "Completion", "Engine", "EngineStats", "Recording", "SUPPORTED_MODEL_TYPES",
+           "SamplingParams", "Seq", "TokenTrie", "sample"]

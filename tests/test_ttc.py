@@ -1,0 +1,199 @@
+"""ptcore.ttc strategies on a tiny random model with deterministic toy scorers: each does what its
+definition says (ttc.md section 3), prefix reuse is exact (tokens computed == tree tokens), the
+reward-model scorer reuses its own KV cache, seeded searches repeat."""
+from collections import Counter
+
+import pytest
+import torch
+import transformers as tf
+
+from ptcore import ttc
+from ptcore.engine import Engine, SamplingParams
+
+V = 512
+DIGIT = 7  # the toy scorers count this token
+
+
+def engine(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         eos_token_id=3, bos_token_id=None)
+    model = tf.LlamaForCausalLM(cfg).eval()  # near-uniform next tokens: siblings rarely share one
+    return Engine(model, **{"page_size": 4, "max_cached_tokens": 16384, **kw})
+
+
+def count_digit(candidates):
+    return [float(c.tokens.count(DIGIT)) + 0.01 * (c.tokens[-1] % 10 if c.tokens else 0) for c in candidates]
+
+
+PROMPT = list(range(10, 40))
+STEP = SamplingParams(max_new_tokens=6, temperature=1.5, seed=1, stop_token_ids=(5,))
+
+
+def test_best_of_n_picks_the_top_score_and_reuse_is_exact():
+    eng = engine()
+    r = ttc.best_of_n(eng, PROMPT, count_digit, n=8, params=SamplingParams(max_new_tokens=8, temperature=2.0, seed=4))
+    assert len(r.candidates) == 8
+    assert r.scores == count_digit(r.candidates)
+    best = max(range(8), key=lambda i: (r.scores[i], -i))
+    assert r.tokens == r.candidates[best].tokens and r.score == r.scores[best]
+    assert r.stats.tokens_computed == r.stats.tree_tokens and r.stats.reuse_ratio == 1.0
+    assert r.stats.tokens_cached == 8 * len(PROMPT)  # each fork shares the prompt
+
+
+def test_weighted_best_of_n_sums_scores_per_answer():
+    eng = engine()
+    r = ttc.weighted_best_of_n(eng, PROMPT, count_digit, n=12, extract_answer=lambda c: c.tokens[0] % 3,
+                               params=SamplingParams(max_new_tokens=4, temperature=2.0, seed=2))
+    totals = {}
+    for c, s in zip(r.candidates, r.scores):
+        totals[c.tokens[0] % 3] = totals.get(c.tokens[0] % 3, 0.0) + s
+    assert r.info["totals"] == pytest.approx(totals)
+    assert r.answer == max(totals, key=totals.get)
+    same = [s for c, s in zip(r.candidates, r.scores) if c.tokens[0] % 3 == r.answer]
+    assert r.score == max(same) and r.tokens[0] % 3 == r.answer
+
+
+def test_self_consistency_is_the_mode():
+    eng = engine()
+    r = ttc.self_consistency(eng, PROMPT, n=16, extract_answer=lambda c: c.tokens[0] % 4,
+                             params=SamplingParams(max_new_tokens=3, temperature=2.0, seed=3))
+    votes = Counter(c.tokens[0] % 4 for c in r.candidates)
+    assert r.info["votes"] == dict(votes)
+    assert votes[r.answer] == max(votes.values()) and len(votes) > 1
+
+
+def test_beam_search_keeps_the_top_beams_by_score():
+    eng = engine()
+    r = ttc.beam_search(eng, PROMPT, count_digit, num_beams=2, expansions=3, max_steps=4, step_params=STEP)
+    hist = r.info["history"]
+    assert len(hist[0]["scores"]) == 6
+    for h in hist:
+        live = [i for i, f in enumerate(h["finished"]) if not f]
+        assert len(h["kept"]) == min(2, len(live))
+        kept_scores = [h["scores"][i] for i in h["kept"]]
+        others = [h["scores"][i] for i in live if i not in h["kept"]]
+        assert not others or min(kept_scores) >= max(others)
+    for h, nxt in zip(hist, hist[1:]):
+        assert len(nxt["scores"]) == 3 * len(h["kept"])  # each kept beam expanded M times
+    assert r.score == max(r.scores)
+    assert r.stats.reuse_ratio == 1.0
+
+
+def test_dvts_keeps_one_best_child_per_tree():
+    eng = engine()
+    r = ttc.dvts(eng, PROMPT, count_digit, num_trees=3, expansions=2, max_steps=3, step_params=STEP)
+    assert len(r.candidates) == 3 and len(r.info["paths"]) == 3
+    for step in r.info["history"]:
+        for t, h in step.items():
+            assert len(h["scores"]) == 2 and h["scores"][h["kept"]] == max(h["scores"])
+    assert len(r.info["history"][0]) == 3  # every tree expands the root on its own: 6 first steps
+    for t, path in enumerate(r.info["paths"]):
+        assert path == [step[t]["scores"][step[t]["kept"]] for step in r.info["history"] if t in step]
+    assert r.score == max(r.scores)
+    assert r.stats.reuse_ratio == 1.0
+
+
+def test_mcts_visit_counts_and_answer():
+    eng = engine()
+    sims = 24
+    r = ttc.mcts(eng, PROMPT, count_digit, num_simulations=sims, expansions=3, max_steps=4, step_params=STEP)
+    root = r.info["root"]
+    assert root.visits == sims and sum(r.info["root_visits"]) == sims
+
+    def check(node):  # every visit below a node passed through exactly one child
+        if node.children:
+            kids = sum(c.visits for c in node.children)
+            assert node.visits - kids in (0, 1) if node is not root else node.visits == kids
+            for c in node.children:
+                assert c.value is not None and c.visits >= 0
+                check(c)
+    check(root)
+    node = root  # the answer follows the most visited children
+    while node.children:
+        node = max(node.children, key=lambda ch: (ch.visits, ch.value_sum / max(1, ch.visits)))
+    assert r.tokens == node.tokens
+    assert r.info["expanded_nodes"] >= 2
+    assert r.stats.reuse_ratio == 1.0
+
+
+def test_seeded_search_repeats():
+    a = ttc.beam_search(engine(), PROMPT, count_digit, num_beams=2, expansions=2, max_steps=3, step_params=STEP)
+    b = ttc.beam_search(engine(), PROMPT, count_digit, num_beams=2, expansions=2, max_steps=3, step_params=STEP)
+    assert a.tokens == b.tokens and a.scores == b.scores
+
+
+def test_reward_model_scorer_reuses_its_cache():
+    policy = engine(0)
+    rm = engine(1)
+    scorer = ttc.RewardModelScorer(rm, positive_token_id=DIGIT, negative_token_id=8, aggregate="min")
+    r = ttc.beam_search(policy, PROMPT, scorer, num_beams=2, expansions=2, max_steps=3, step_params=STEP)
+    # scores equal a from-scratch HF forward of prompt + steps so far (min over step prefixes)
+    for c, s in zip(r.candidates, r.scores):
+        vals = []
+        acc = list(PROMPT)
+        for step in c.steps:
+            acc = acc + step
+            with torch.no_grad():
+                z = rm.hf_model(torch.tensor([acc])).logits[0, -1].double()
+            vals.append(float(torch.softmax(z[[DIGIT, 8]], 0)[0]))
+        assert s == pytest.approx(min(vals), rel=1e-5)
+    st = r.stats
+    assert st.scorer_tokens_computed <= st.scorer_tree_tokens + st.scorer_calls  # at most a token per call again
+    assert st.scorer_tree_tokens > len(PROMPT)
+
+
+def test_bad_input():
+    eng = engine()
+    with pytest.raises(ValueError, match="'n'"):
+        ttc.best_of_n(eng, PROMPT, count_digit, n=0)
+    with pytest.raises(ValueError, match="num_beams"):
+        ttc.beam_search(eng, PROMPT, count_digit, num_beams=0)
+    with pytest.raises(ValueError, match="scorer"):
+        ttc.mcts(eng, PROMPT, "not callable")
+    with pytest.raises(ValueError, match="prompt"):
+        ttc.best_of_n(eng, [], count_digit)
+    with pytest.raises(ValueError, match="engine"):
+        ttc.best_of_n(object(), PROMPT, count_digit)
+    with pytest.raises(ValueError, match="positive_token_id"):
+        ttc.RewardModelScorer(eng, positive_token_id=V, negative_token_id=0)
+    with pytest.raises(ValueError, match="scores"):
+        ttc.best_of_n(eng, PROMPT, lambda cs: [0.0], n=2)
+
+
+def test_seeded_search_repeats_across_processes():
+    """Seeds derive from ints only (Python's str hashing changes per process)."""
+    import os
+    import subprocess
+    import sys
+    code = ("from tests.test_ttc import *; r = ttc.mcts(engine(), PROMPT, count_digit, num_simulations=6, "
+            "expansions=2, max_steps=3, step_params=STEP); print(r.tokens)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}  # this process: a random one
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=root).stdout
+    here = ttc.mcts(engine(), PROMPT, count_digit, num_simulations=6, expansions=2, max_steps=3, step_params=STEP)
+    assert out == f"{here.tokens}\n"
+
+
+def test_last_number_and_text_scorers():
+    from ptcore.train.tiny import CharTokenizer
+    tok = CharTokenizer()
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=None)
+    policy = Engine(tf.LlamaForCausalLM(cfg).eval(), tokenizer=tok, page_size=4, max_cached_tokens=4096)
+    rm = Engine(tf.LlamaForCausalLM(cfg).eval(), tokenizer=tok, page_size=4, max_cached_tokens=4096)
+    assert ttc.last_number(ttc.Candidate([], [], [], text="a 12 then -3.5 end")) == "-3.5"
+    assert ttc.last_number(ttc.Candidate([], [], [], text="none")) is None
+    length = ttc.from_text(lambda prompt, text: -abs(len(text) - 3))
+    r = ttc.best_of_n(policy, "7+8=", length, n=4, params=SamplingParams(max_new_tokens=5, temperature=1.0, seed=0))
+    assert r.text == tok.decode(r.tokens) and r.score == max(r.scores)
+    pos, neg = tok.encode("1", add_special_tokens=False)[0], tok.encode("0", add_special_tokens=False)[0]
+    scorer = ttc.RewardModelScorer(rm, positive_token_id=pos, negative_token_id=neg, retokenize=True)
+    scores = scorer(r.candidates)
+    for c, s in zip(r.candidates, scores):  # the reward model reads the text through its own tokenizer
+        with torch.no_grad():
+            z = rm.hf_model(torch.tensor([tok.encode(c.prompt_text + c.text)])).logits[0, -1].double()
+        assert s == pytest.approx(float(torch.softmax(z[[pos, neg]], 0)[0]), rel=1e-5)
