@@ -40,6 +40,7 @@ BENCHMARKS = {
     "ttc_mcts": "bench.ttc_mcts",
     "paged_attention_decode": "bench.paged_attention",
     "paged_attention_extend": "bench.paged_attention_extend",
+    "speculative_verify": "bench.speculative",
 }
 
 

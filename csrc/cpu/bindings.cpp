@@ -2,6 +2,7 @@
 // strides; the kernels check again and throw, which pybind11 turns into a Python exception.
 #include "ptcore/bindings.h"
 #include "ptcore/paged_attention.h"
+#include "ptcore/speculative.h"
 #include "ptcore/radix_cache.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -9,6 +10,7 @@ PYBIND11_MODULE(_C, m) {
   ptcore::bind_row_kernels(m, &ptcore::cross_entropy_rows, &ptcore::logprob_rows_stats,
                            &ptcore::logprob_rows_grad);
   ptcore::bind_paged_attention(m);
+  ptcore::bind_speculative(m);
   ptcore::bind_radix_cache(m);
 #ifdef _OPENMP
   m.attr("openmp") = true;

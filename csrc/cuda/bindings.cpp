@@ -1,6 +1,7 @@
 // pybind11 bindings of ptcore._cuda (compiled by the host compiler, linked with the statically
 // linked CUDA runtime so that the module needs no CUDA library from whichever torch is installed).
 #include "ptcore/bindings.h"
+#include "ptcore/speculative.h"
 
 namespace py = pybind11;
 
@@ -8,6 +9,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.doc() = "ptcore CUDA kernels; pointers and the caller's stream in, no torch headers";
   ptcore::bind_row_kernels(m, &ptcore::cross_entropy_rows_cuda, &ptcore::logprob_rows_stats_cuda,
                            &ptcore::logprob_rows_grad_cuda);
+  ptcore::bind_speculative(m);
   m.def("device_count", [] {
     std::string why;
     const int n = ptcore::cuda_device_count(&why);

@@ -8,8 +8,10 @@ from ptcore.ops.logprobs import linear_logprobs
 from ptcore.ops.paged_attention import copy_pages, paged_attention_decode, paged_attention_extend, write_kv
 from ptcore.ops.policy import kl_penalty, policy_loss
 from ptcore.ops.preference import dpo_loss
+from ptcore.ops.speculative import speculative_verify, speculative_verify_tree
 
 __all__ = ["BACKENDS", "BackendUnavailable", "chunk_budget", "dpo_loss", "gae", "group_advantages",
            "kl_penalty", "linear_cross_entropy", "linear_dpo_loss", "linear_logprobs", "linear_policy_loss",
            "policy_loss", "use_backend"]
 __all__ += ["copy_pages", "paged_attention_decode", "paged_attention_extend", "write_kv"]
+__all__ += ["speculative_verify", "speculative_verify_tree"]
