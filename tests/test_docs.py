@@ -1,4 +1,5 @@
-"""The documentation runs: the README's Python blocks and the ops' docstring examples."""
+"""The documentation runs: the Python blocks of the README and of docs/*.md, and the ops' docstring
+examples."""
 import doctest
 import re
 from pathlib import Path
@@ -9,15 +10,20 @@ import ptcore.ops.cross_entropy
 import ptcore.ops.fused_losses
 import ptcore.ops.logprobs
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def test_readme_python_blocks_run():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert blocks, "the README has no Python example"
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_python_blocks_run(doc, tmp_path, monkeypatch):
+    """Each document's blocks run in order in one namespace, in a scratch directory (examples
+    write their outputs to relative paths)."""
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert blocks, f"{doc.name} has no Python example"
+    monkeypatch.chdir(tmp_path)
     scope = {}
     for block in blocks:
-        exec(compile(block, str(README), "exec"), scope)
+        exec(compile(block, str(doc), "exec"), scope)
 
 
 @pytest.mark.parametrize("module", [ptcore.ops.cross_entropy, ptcore.ops.logprobs, ptcore.ops.fused_losses],
