@@ -34,6 +34,9 @@ BENCHMARKS = {
     "linear_logprobs": "bench.logprobs",
     "linear_policy_loss": "bench.grpo",
     "linear_dpo_loss": "bench.dpo",
+    "loop_sft": "bench.loop_sft",  # the three loops vs TRL's trainers (bench/trl_loops.py)
+    "loop_dpo": "bench.loop_dpo",
+    "loop_grpo": "bench.loop_grpo",
     "radix_cache": "bench.radix",
     "ttc_best_of_n": "bench.ttc_best_of_n",  # test-time search on the engine (bench/ttc.py)
     "ttc_beam_search": "bench.ttc_beam",
@@ -43,8 +46,15 @@ BENCHMARKS = {
     "speculative_verify": "bench.speculative",
 }
 
+# Benchmarks with their own table (columns the shared runner does not have): `python -m bench`
+# runs each module's main([]) after the registered ones; `--only NAME` runs one.
+STANDALONE = {
+    "speculative_decoding": "bench.speculative_decoding",  # speedup and tokens per target forward vs theory
+}
+
 
 def load(name: str) -> ModuleType:
-    if name not in BENCHMARKS:
-        raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-    return importlib.import_module(BENCHMARKS[name])
+    modules = {**BENCHMARKS, **STANDALONE}
+    if name not in modules:
+        raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(modules)}")
+    return importlib.import_module(modules[name])

@@ -25,7 +25,8 @@ MEMORY = {"cpu": "peak RSS over the RSS after making the inputs",
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=list(registry.BENCHMARKS), help="run only this benchmark")
+    p.add_argument("--only", choices=[*registry.BENCHMARKS, *registry.STANDALONE],
+                   help="run only this benchmark")
     p.add_argument("--sizes", help="one size, comma-separated in the benchmark's order (N,H,V)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--repeats", type=int,
@@ -126,7 +127,11 @@ def main(argv: list[str]) -> int:
         print(f"warning: the machine is {busy:.0f}% busy before the benchmark starts: other processes "
               "will make the timings noisy", file=sys.stderr)
     good, shared = True, {}
-    for name in [args.only] if args.only else list(registry.BENCHMARKS):
+    names = [args.only] if args.only else [*registry.BENCHMARKS, *registry.STANDALONE]
+    for name in names:
+        if name in registry.STANDALONE:
+            good &= registry.load(name).main([]) == 0
+            continue
         bench = registry.load(name)
         sizes = dict(bench.DEFAULT_SIZES[device])
         if args.sizes:

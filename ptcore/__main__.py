@@ -1,5 +1,6 @@
 """The ``ptcore`` command: ``ptcore info`` prints versions and backends; ``ptcore bench`` runs the
-benchmark suite (bench/) on embedded default sizes."""
+benchmark suite (bench/) on embedded default sizes; ``ptcore sft|dpo|grpo`` train (see
+ptcore/train/cli.py); ``ptcore demo`` runs the post-training scaling demo."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions and backend availability")
     sub.add_parser("bench", help="run the benchmark suite (see bench/README.md); extra args go to it",
                    add_help=False)
+    for kind, what in (("sft", "supervised fine-tuning"), ("dpo", "preference optimization (DPO family)"),
+                       ("grpo", "group relative policy optimization")):
+        sub.add_parser(kind, help=f"{what}; `ptcore {kind} --help` for the options", add_help=False)
+    sub.add_parser("demo", help="SFT, GRPO and test-time scaling end to end on the tiny model", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         from ptcore.info import main as info_main
@@ -24,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
                   "from a checkout (`python -m bench`)", file=sys.stderr)
             return 2
         return bench_main(rest)
+    if args.command in ("sft", "dpo", "grpo"):
+        from ptcore.train.cli import main as train_main
+        return train_main(args.command, rest)
+    if args.command == "demo":
+        from ptcore.demo import main as demo_main
+        return demo_main(rest) or 0
     return 2
 
 

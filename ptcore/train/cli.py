@@ -1,0 +1,160 @@
+"""``ptcore sft|dpo|grpo``: the three loops from the command line.
+
+    ptcore sft  --model tiny --task addition --output runs/sft
+    ptcore dpo  --model runs/sft/final --data pairs.jsonl --output runs/dpo --loss-type sigmoid
+    ptcore grpo --model runs/sft/final --task addition --output runs/grpo --group-size 8
+
+``--model`` is ``tiny`` (the embedded model, the default), a directory ptcore saved, or a local
+Hugging Face model directory (its tokenizer is used). ``--data`` is a jsonl file (formats in
+:mod:`ptcore.train.data`); with the tiny model, ``--task addition|countdown`` generates the data
+instead. Runs under ``torchrun`` too (``--strategy ddp|fsdp``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ptcore.train.config import TrainConfig
+
+DEFAULTS = {  # per objective: what a sensible first run uses
+    "sft": dict(lr=1e-3, max_steps=200, batch_size=8, max_length=256, warmup_steps=10),
+    "dpo": dict(lr=1e-4, max_steps=100, batch_size=8, max_length=256, warmup_steps=5),
+    "grpo": dict(lr=2e-5, max_steps=50, batch_size=4, max_length=256, warmup_steps=0),
+}
+
+
+def add_common(p: argparse.ArgumentParser, kind: str) -> None:
+    d = DEFAULTS[kind]
+    p.add_argument("--model", default="tiny", help="'tiny' (embedded, default), a ptcore-saved "
+                   "directory, or a local Hugging Face model directory")
+    p.add_argument("--data", help="jsonl training data (see the README for the formats)")
+    p.add_argument("--task", choices=("addition", "countdown"),
+                   help="generate the data from this synthetic task when --data is not given")
+    p.add_argument("--num-examples", type=int, default=2000, help="examples --task generates (default 2000)")
+    p.add_argument("--output", required=True, help="output directory (metrics, checkpoints, final model)")
+    p.add_argument("--max-steps", type=int, default=d["max_steps"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="per micro-batch and rank")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--min-lr-ratio", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--max-length", type=int, default=d["max_length"])
+    p.add_argument("--overflow", choices=("truncate", "skip"), default="truncate",
+                   help="what to do with longer examples (counted and printed either way)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar; print metrics lines")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="model weights dtype (default: as loaded)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun")
+
+
+def make_parser(kind: str) -> argparse.ArgumentParser:
+    """The options of ``ptcore <kind>``: the shared ones, then the objective's own."""
+    helps = {"sft": "supervised fine-tuning", "dpo": "preference optimization (DPO family)",
+             "grpo": "group relative policy optimization"}
+    p = argparse.ArgumentParser(prog=f"ptcore {kind}", description=f"{helps[kind]}. {__doc__}",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common(p, kind)
+    if kind == "sft":
+        p.add_argument("--no-packing", action="store_true", help="pad examples instead of packing them")
+    elif kind == "dpo":
+        from ptcore.ops.preference import LOSS_TYPES
+        p.add_argument("--loss-type", default="sigmoid", choices=LOSS_TYPES)
+        p.add_argument("--beta", type=float, default=0.1)
+        p.add_argument("--label-smoothing", type=float, default=0.0)
+        p.add_argument("--gamma", type=float, default=0.5, help="simpo target margin")
+        p.add_argument("--ref-model", help="reference model (default: --model before training)")
+    else:
+        from ptcore.ops.policy import LOSS_TYPES as PG_TYPES
+        p.add_argument("--group-size", type=int, default=8)
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--max-new-tokens", type=int, default=32)
+        p.add_argument("--num-iterations", type=int, default=1, help="optimizer steps per rollout")
+        p.add_argument("--kl-coef", type=float, default=0.0)
+        p.add_argument("--loss-type", default="dapo", choices=PG_TYPES)
+        p.add_argument("--epsilon", type=float, default=0.2)
+        p.add_argument("--epsilon-high", type=float, default=None)
+    return p
+
+
+def _config(args) -> TrainConfig:
+    return TrainConfig(output_dir=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
+                       grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
+                       weight_decay=args.weight_decay, min_lr_ratio=args.min_lr_ratio,
+                       max_grad_norm=args.max_grad_norm or None, max_length=args.max_length,
+                       overflow=args.overflow, seed=args.seed, log_every=args.log_every,
+                       save_every=args.save_every, resume=args.resume, progress=not args.no_progress,
+                       strategy=args.strategy)
+
+
+def _data(args, kind: str) -> str:
+    if args.data:
+        return args.data
+    if not args.task:
+        raise SystemExit(f"ptcore {kind}: give --data FILE.jsonl, or --task addition|countdown to "
+                         "generate synthetic data")
+    from ptcore.train.tasks import write_jsonl
+    path = Path(args.output) / f"{args.task}-{kind}-n{args.num_examples}-seed{args.seed}.jsonl"
+    if _rank() == 0:
+        write_jsonl(args.task, kind, path, n=args.num_examples, seed=args.seed)  # atomic (os.replace)
+        print(f"ptcore {kind}: wrote {args.num_examples} {args.task} examples to {path}", file=sys.stderr)
+    else:  # under torchrun, rank 0 writes the file; the others wait for it to appear
+        deadline = time.monotonic() + 600
+        while not path.is_file():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"ptcore {kind}: rank {_rank()} waited 10 minutes for {path}")
+            time.sleep(0.2)
+    return str(path)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _load(name, args):
+    from ptcore.train.tiny import load_model_and_tokenizer
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model, tok = load_model_and_tokenizer(name, dtype=dtype, seed=args.seed)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device), tok
+
+
+def main(kind: str, argv: list[str]) -> int:
+    args = make_parser(kind).parse_args(list(argv))
+    try:
+        config = _config(args)
+    except ValueError as e:
+        raise SystemExit(f"ptcore {kind}: {e}") from None
+    data = _data(args, kind)
+    model, tok = _load(args.model, args)
+    if kind == "sft":
+        from ptcore.train.sft import run_sft
+        result = run_sft(model, tok, data, config, packing=not args.no_packing)
+    elif kind == "dpo":
+        from ptcore.train.dpo import run_dpo
+        ref = _load(args.ref_model, args)[0] if args.ref_model else None
+        result = run_dpo(model, ref, tok, data, config, loss_type=args.loss_type, beta=args.beta,
+                         label_smoothing=args.label_smoothing, gamma=args.gamma)
+    else:
+        from ptcore.train.grpo import run_grpo
+        result = run_grpo(model, tok, data, config, group_size=args.group_size,
+                          temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                          num_iterations=args.num_iterations, kl_coef=args.kl_coef,
+                          loss_type=args.loss_type, epsilon_low=args.epsilon,
+                          epsilon_high=args.epsilon_high)
+    last = result.metrics[-1] if result.metrics else {}
+    if _rank() == 0:
+        print(f"ptcore {kind}: {result.step} steps, final loss {last.get('loss', float('nan')):.4f}; "
+              f"metrics in {Path(args.output) / 'metrics.jsonl'}"
+              + (f"; model in {result.final_dir}" if result.final_dir else ""), file=sys.stderr)
+    return 0

@@ -1,0 +1,85 @@
+"""GRPO: completion masks, old log-probs equal to the sampler's (same tempered distribution, same
+positions as generate), a training run with a toy reward, reward-function errors."""
+import pytest
+import torch
+
+from ptcore.train import run_grpo
+from ptcore.train.config import TrainConfig
+from ptcore.train.data import load_records, prompt_examples
+from ptcore.train.grpo import GRPOObjective, answer_reward, completion_mask
+from tests.train_helpers import config, one_thread, tiny  # noqa: F401
+
+DATA = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (30, 4), (500, 61), (7, 7)]]
+
+
+def first_char(prompts, completions, **_):
+    return [(ord(c[0]) % 5) / 4 if c else 0.0 for c in completions]
+
+
+def test_completion_mask_stops_after_first_eos():
+    comp = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 2, 0, 0]])
+    assert completion_mask(comp, 2, 0).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_builtin_answer_reward():
+    assert answer_reward(["1+2="] * 3, ["3", "4", " 3\nmore"], answer=["3", "3", "3"]) == [1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="answer"):
+        answer_reward(["p"], ["3"])
+
+
+def test_old_logps_are_the_samplers(tmp_path):
+    """Left-padded prompts of different lengths: the training forward must use the positions and
+    the tempered distribution generate sampled from."""
+    model, tok = tiny()
+    prompts = prompt_examples(load_records(DATA, "grpo"), tok, 32, report=False)
+    cfg = TrainConfig(output_dir=str(tmp_path), batch_size=4, max_length=48)
+    obj = GRPOObjective(prompts, tok, cfg, reward_fns=[first_char], group_size=2, temperature=0.7,
+                        max_new_tokens=6)
+    obj.prepare_model(model)
+    obj.setup(model, obj.ctx, cfg)
+    scores = {}
+    real = model.generate
+
+    def generate(**kw):
+        out = real(**kw, output_scores=True, return_dict_in_generate=True)
+        scores["s"] = torch.stack(out.scores, 1)  # [B, new, V], after the temperature
+        return out.sequences
+
+    model.generate = generate
+    batch = obj.make_rollout(model, prompts)
+    assert batch["old_logps"] is None  # filled by the first optimization pass, from its forward
+    loss, metrics = obj.loss(model, batch, obj.units(batch))
+    assert metrics["ratio_mean"] == 1.0 and metrics["clip_ratio/region_mean"] == 0.0
+    mask, P = batch["mask"].bool(), batch["input_ids"].shape[1] - scores["s"].shape[1]
+    sampled = batch["input_ids"][:, P:]
+    sampler = torch.log_softmax(scores["s"].double(), -1).gather(-1, sampled[..., None])[..., 0]
+    ours = batch["old_logps"][:, P - 1:-1]
+    m = mask[:, P - 1:-1]
+    assert m.sum() > 8 and (batch["attention_mask"][:, 0] == 0).any()  # some prompts are padded
+    torch.testing.assert_close(ours[m].double(), sampler[m], rtol=1e-4, atol=1e-4)
+    assert (batch["old_logps"][~mask] == 0).all()
+    assert batch["advantages"].shape == (8,)
+
+
+def test_grpo_trains_with_a_toy_reward(tmp_path):
+    model, tok = tiny()
+    before = [p.detach().clone() for p in model.parameters()]
+    res = run_grpo(model, tok, DATA, config(tmp_path, "g", max_steps=2, batch_size=2), reward_fns=[first_char],
+                   group_size=4, max_new_tokens=6, num_iterations=2, kl_coef=0.1, temperature=0.9)
+    m1, m2 = res.metrics
+    assert m1["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and m1["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert m2["ratio_mean"] != m1["ratio_mean"]  # the second pass over the rollout is off-policy
+    assert m1["reward"] == m2["reward"] and m1["reward_std"] > 0
+    for key in ("entropy", "completion_length", "clip_ratio/region_mean", "rewards/first_char"):
+        assert key in m1
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_reward_function_errors(tmp_path):
+    model, tok = tiny()
+    bad = lambda prompts, completions, **_: [1.0]
+    with pytest.raises(ValueError, match="returned 1 values for 4 completions"):
+        run_grpo(model, tok, DATA, config(tmp_path, "e", max_steps=1, batch_size=1), reward_fns=[bad],
+                 group_size=4, max_new_tokens=2)
+    with pytest.raises(ValueError, match="group_size"):
+        run_grpo(model, tok, DATA, config(tmp_path, "e"), group_size=1)
