@@ -124,6 +124,7 @@ class Harness:
         assert set().union(*owners) == set(range(self.num_pages))
         for s in self.seqs:
             assert c.node_ref(s["node"]) > 0 and c.node_depth(s["node"]) == s["matched"]
+            assert c.node_locks(s["node"]) == m.node_locks(s["node"]) > 0
             assert {s["slots"][d] // self.P for d in range(s["matched"] // self.P * self.P)} <= tree
 
 
@@ -253,6 +254,29 @@ def test_pages_copy_on_write_branch(impl):
 
 
 @pytest.mark.parametrize("impl", [RadixCache, RadixModel])
+def test_unlock_only_through_the_locked_handle(impl):
+    """A lock taken on a node is released through that node: releasing it through an ancestor
+    (whose reference count includes it) is rejected, else the counts on the path would go
+    negative and the still-locked node would become evictable."""
+    c = impl(1)
+    c.insert([1, 2, 3], [0, 1, 2])
+    upper = c.match_prefix([1, 2]).node  # splits [1, 2, 3]
+    lower = c.match_prefix([1, 2, 3]).node
+    c.lock(lower)
+    assert c.node_ref(upper) == 1 and c.node_locks(upper) == 0 and c.node_locks(lower) == 1
+    with pytest.raises(ValueError, match="only nodes below it are"):
+        c.unlock(upper)
+    assert c.locks == 1 and c.evict(10) == [] and c.evictable_slots == 0  # nothing changed
+    c.lock(upper)
+    c.match_prefix([1])  # a split above both handles keeps their own locks
+    c.unlock(upper)
+    with pytest.raises(ValueError, match="is not locked"):
+        c.unlock(upper)
+    c.unlock(lower)
+    assert c.locks == 0 and sorted(c.evict(10)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("impl", [RadixCache, RadixModel])
 def test_bad_input(impl):
     c = impl(4)
     with pytest.raises(ValueError, match=r"tokens\[1\] = -1 is negative"):
@@ -279,6 +303,8 @@ def test_bad_input(impl):
         c.evict(-1)
     with pytest.raises(ValueError, match="page_size"):
         impl(0)
+    with pytest.raises(ValueError, match="page_size"):
+        impl(2**40)  # evict would list 2**40 slots per page
     c.lock(c.match_prefix([]).node)
     with pytest.raises(RuntimeError, match="1 lock"):
         c.flush()
@@ -313,4 +339,14 @@ def test_cpp_checks_again():
         raw.evict(-1)
     with pytest.raises(ValueError, match="page_size"):
         _ext.cpu_module().RadixCache(0)
+    with pytest.raises(ValueError, match="page_size"):
+        _ext.cpu_module().RadixCache(2**40)
+    with pytest.raises(ValueError, match="1-D"):
+        raw.match_prefix(np.zeros((2, 2), dtype=np.int64))
+    assert raw.match_prefix(np.arange(4, dtype=np.int64)[::-1])[0] == 0  # strided buffers are copied
+    raw.lock(0)
+    raw.lock(raw.match_prefix(q(1, 2))[2])
+    with pytest.raises(ValueError, match="only nodes below"):
+        raw.unlock(raw.match_prefix(q(1))[2])  # splits [1, 2]; [1] holds no lock of its own
+    raw.unlock(0)
     assert raw.cached_tokens == 2

@@ -160,6 +160,9 @@ def test_bad_input():
         ttc.RewardModelScorer(eng, positive_token_id=V, negative_token_id=0)
     with pytest.raises(ValueError, match="scores"):
         ttc.best_of_n(eng, PROMPT, lambda cs: [0.0], n=2)
+    with pytest.raises(ValueError, match="NaN for candidate 1"):
+        ttc.best_of_n(eng, PROMPT, lambda cs: [0.0, float("nan")], n=2)
+    assert eng.cache.running == []
 
 
 def test_seeded_search_repeats_across_processes():
@@ -197,3 +200,93 @@ def test_last_number_and_text_scorers():
         with torch.no_grad():
             z = rm.hf_model(torch.tensor([tok.encode(c.prompt_text + c.text)])).logits[0, -1].double()
         assert s == pytest.approx(float(torch.softmax(z[[pos, neg]], 0)[0]), rel=1e-5)
+
+
+def _no_running(eng):
+    """Every sequence ended and every page accounted for (PagedCache.check)."""
+    assert eng.cache.running == [] and eng.cache.radix.locks == 0
+    eng.cache.check()
+
+
+def test_no_sequence_leaks_after_a_search():
+    eng = engine()
+    ttc.best_of_n(eng, PROMPT, count_digit, n=3, params=SamplingParams(max_new_tokens=3, seed=0))
+    ttc.dvts(eng, PROMPT, count_digit, num_trees=2, expansions=2, max_steps=2, step_params=STEP)
+    ttc.mcts(eng, PROMPT, count_digit, num_simulations=4, expansions=2, max_steps=2, step_params=STEP)
+    _no_running(eng)
+    eng.flush()  # possible only when nothing is running
+    assert eng.pool.num_free == eng.pool.num_pages
+
+
+def test_cache_full_mid_expansion_leaks_nothing_and_caches_nothing_unwritten():
+    """A pool too small for the N forks: CacheFull surfaces, every sequence the search made is
+    released (not cached: an interrupted search may hold unwritten KV), the engine stays usable."""
+    eng = engine(page_size=4, max_cached_tokens=48)  # 12 pages; the prompt takes 8, each fork copies 1
+    prompt = PROMPT[:30]  # ends inside a page: every fork copies that page
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        ttc.best_of_n(eng, prompt, count_digit, n=8, params=SamplingParams(max_new_tokens=2, seed=0))
+    _no_running(eng)
+    assert eng.cache.radix.cached_tokens <= len(prompt)  # at most the computed prompt (forks share it)
+    seq = eng.start(prompt)  # what was cached is right: the logits of a fresh engine (fp32 rounding)
+    fresh = engine().start(prompt).logits
+    assert seq.handle.cached_len > 0 and torch.allclose(seq.logits, fresh, rtol=1e-4, atol=1e-5)
+    eng.release(seq)
+    r = ttc.best_of_n(eng, prompt[:9], count_digit, n=2, params=SamplingParams(max_new_tokens=2, seed=0))
+    assert len(r.candidates) == 2
+    _no_running(eng)
+
+
+def test_failing_scorer_releases_the_search():
+    eng = engine()
+
+    def broken(candidates):
+        raise KeyError("scorer failed")
+    with pytest.raises(KeyError, match="scorer failed"):
+        ttc.beam_search(eng, PROMPT, broken, num_beams=2, expansions=2, max_steps=2, step_params=STEP)
+    _no_running(eng)
+    assert eng._recordings == []  # the search stopped recording
+
+
+def test_reward_model_scorer_bad_token_leaks_nothing():
+    """Candidate ids outside the reward model's vocabulary: a clear error, no sequence left."""
+    rm = engine(1)
+    scorer = ttc.RewardModelScorer(rm, positive_token_id=DIGIT, negative_token_id=8)
+    good = ttc.Candidate(PROMPT, [1, 2], [[1, 2]])
+    bad = ttc.Candidate(PROMPT, [1, V + 5], [[1, V + 5]])
+    with pytest.raises(ValueError, match="outside"):
+        scorer([good, bad])
+    _no_running(rm)
+    assert scorer([good])[0] == scorer([good])[0]
+    _no_running(rm)
+
+
+def test_interrupted_search_caches_no_unwritten_kv(monkeypatch):
+    """Ctrl-C in the middle of a decode step (here: the 2nd layer's K/V write) leaves positions
+    without keys/values: the search must not hand them to the radix cache, or the next search
+    sharing the prefix would silently read garbage. Afterwards the same search gives what a fresh
+    engine gives."""
+    import ptcore.engine.engine as engine_module
+    eng = engine()
+    params = SamplingParams(max_new_tokens=4, seed=5)
+    write_kv, calls = engine_module.ops.write_kv, [0]
+
+    def interrupted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 6:  # prompt (2 layers), one decode step (2), then inside the next step
+            raise KeyboardInterrupt
+        return write_kv(*args, **kwargs)
+    monkeypatch.setattr(engine_module.ops, "write_kv", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ttc.best_of_n(eng, PROMPT, count_digit, n=3, params=params)
+    monkeypatch.setattr(engine_module.ops, "write_kv", write_kv)
+    _no_running(eng)
+    fresh = engine()
+    want = ttc.best_of_n(fresh, PROMPT, count_digit, n=3, params=params)
+    for c in want.candidates:  # the two steps the interrupted search got into, then one more token
+        tokens = PROMPT + c.tokens[:2] + [1]
+        got, ref = eng.start(tokens), fresh.start(tokens)
+        assert torch.allclose(got.logits, ref.logits, rtol=1e-4, atol=1e-5)
+        eng.release(got)
+        fresh.release(ref)
+    again = ttc.best_of_n(eng, PROMPT, count_digit, n=3, params=params)
+    assert [c.tokens for c in again.candidates] == [c.tokens for c in want.candidates]

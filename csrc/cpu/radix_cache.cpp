@@ -18,7 +18,8 @@ struct RadixCache::Node {
   std::vector<int64_t> tokens;
   std::vector<int64_t> slots;
   std::unordered_map<int64_t, Node*> children;  // first token of the child's run -> child
-  int64_t ref = 0;
+  int64_t ref = 0;   // locks on this node and on its descendants (what protects it from evict)
+  int64_t own = 0;   // locks taken on this very node: only those may be unlocked through it
   int64_t tick = 0;
 };
 
@@ -29,7 +30,8 @@ std::string str(int64_t v) { return std::to_string(v); }
 }  // namespace
 
 RadixCache::RadixCache(int64_t page_size) : page_size_(page_size) {
-  if (page_size < 1) throw std::invalid_argument("page_size must be >= 1, got " + str(page_size));
+  if (page_size < 1 || page_size > kMaxPageSize)
+    throw std::invalid_argument("page_size must be in [1, " + str(kMaxPageSize) + "], got " + str(page_size));
   auto root = std::make_unique<Node>();
   root_ = root.get();
   nodes_.emplace(0, std::move(root));
@@ -47,6 +49,7 @@ RadixCache::Node* RadixCache::find(int64_t id) const {
 
 bool RadixCache::has_node(int64_t id) const { return nodes_.count(id) != 0; }
 int64_t RadixCache::node_ref(int64_t id) const { return find(id)->ref; }
+int64_t RadixCache::node_locks(int64_t id) const { return find(id)->own; }
 
 int64_t RadixCache::node_depth(int64_t id) const {
   const Node* x = find(id);
@@ -93,7 +96,7 @@ void RadixCache::check_tokens(const int64_t* tokens, int64_t n) const {
 
 // Splits `node` after its first k tokens (0 < k < size): a new upper node takes node's place
 // under the parent and keeps the first k tokens; `node` keeps its id (locks held on it still mean
-// the same path) and the rest. Only slot indices move.
+// the same path) and the rest, its own locks included. Only slot indices move.
 RadixCache::Node* RadixCache::split(Node* node, int64_t k) {
   auto upper = std::make_unique<Node>();
   Node* u = upper.get();
@@ -244,12 +247,19 @@ int64_t RadixCache::insert(const int64_t* tokens, const int64_t* slots, int64_t 
 }
 
 void RadixCache::lock(int64_t id) {
-  for (Node* x = find(id); x != nullptr; x = x->parent) x->ref += 1;
+  Node* node = find(id);
+  node->own += 1;
+  for (Node* x = node; x != nullptr; x = x->parent) x->ref += 1;
 }
 
+// Checks the node's own locks, not `ref`: a lock on a descendant must not be released through an
+// ancestor (that would leave counts below zero on the path and make locked nodes evictable).
 void RadixCache::unlock(int64_t id) {
   Node* node = find(id);
-  if (node->ref <= 0) throw std::invalid_argument("node " + str(id) + " is not locked");
+  if (node->own <= 0)
+    throw std::invalid_argument("node " + str(id) + " is not locked" +
+                                (node->ref > 0 ? " (only nodes below it are: unlock those handles)" : ""));
+  node->own -= 1;
   for (Node* x = node; x != nullptr; x = x->parent) x->ref -= 1;
 }
 
@@ -415,6 +425,7 @@ void bind_radix_cache(py::module_& m) {
       .def("owned_slots", &RadixCache::owned_slots)
       .def("has_node", &RadixCache::has_node, py::arg("node"))
       .def("node_ref", &RadixCache::node_ref, py::arg("node"))
+      .def("node_locks", &RadixCache::node_locks, py::arg("node"))
       .def("node_depth", &RadixCache::node_depth, py::arg("node"))
       .def_property_readonly("page_size", &RadixCache::page_size)
       .def_property_readonly("cached_tokens", &RadixCache::cached_tokens)

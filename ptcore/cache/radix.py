@@ -112,9 +112,13 @@ def check_count(value, name: str) -> int:
     return int(value)
 
 
+MAX_PAGE_SIZE = 1 << 20  # RadixCache::kMaxPageSize: evict / owned_slots list every slot of a page
+
+
 def check_page_size(page_size) -> int:
-    if isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer)) or page_size < 1:
-        raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+    if (isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer))
+            or not 1 <= page_size <= MAX_PAGE_SIZE):
+        raise ValueError(f"page_size must be an int in [1, {MAX_PAGE_SIZE}], got {page_size!r}")
     return int(page_size)
 
 
@@ -174,10 +178,12 @@ class RadixCache:
         self._c.lock(self._known(node))
 
     def unlock(self, node: int) -> None:
-        """Releases one ``lock`` of ``node``."""
+        """Releases one ``lock`` taken on ``node`` itself (a lock on a node below it is released
+        through that node's handle, never through an ancestor's)."""
         node = self._known(node)
-        if self._c.node_ref(node) <= 0:
-            raise ValueError(f"node {node} is not locked")
+        if self._c.node_locks(node) <= 0:
+            below = " (only nodes below it are: unlock those handles)" if self._c.node_ref(node) > 0 else ""
+            raise ValueError(f"node {node} is not locked{below}")
         self._c.unlock(node)
 
     def evict(self, num_slots: int) -> list[int]:
@@ -199,6 +205,10 @@ class RadixCache:
     def node_ref(self, node: int) -> int:
         """How many locks hold ``node`` (its own and its descendants')."""
         return self._c.node_ref(self._known(node))
+
+    def node_locks(self, node: int) -> int:
+        """How many locks were taken on ``node`` itself (what ``unlock(node)`` may release)."""
+        return self._c.node_locks(self._known(node))
 
     def node_depth(self, node: int) -> int:
         """Prefix length that ``node`` ends at."""

@@ -25,8 +25,9 @@ class _Node:
     parent: int  # -1 for the root
     path: tuple  # every token from the root to this node's end
     slots: list = field(default_factory=list)  # slots of this node's own run
-    ref: int = 0
+    ref: int = 0  # locks on this node and below it
     tick: int = 0
+    own: int = 0  # locks taken on this node itself (a split leaves them with the lower part)
 
     @property
     def depth(self) -> int:  # position of the first token of the run
@@ -145,13 +146,17 @@ class RadixModel:
         return self.nodes[node]
 
     def lock(self, node) -> None:
-        for n in self._ancestors(self._find(node)):
+        found = self._find(node)
+        found.own += 1
+        for n in self._ancestors(found):
             n.ref += 1
 
     def unlock(self, node) -> None:
         found = self._find(node)
-        if found.ref <= 0:
-            raise ValueError(f"node {found.id} is not locked")
+        if found.own <= 0:
+            below = " (only nodes below it are: unlock those handles)" if found.ref > 0 else ""
+            raise ValueError(f"node {found.id} is not locked{below}")
+        found.own -= 1
         for n in self._ancestors(found):
             n.ref -= 1
 
@@ -191,6 +196,9 @@ class RadixModel:
 
     def node_ref(self, node) -> int:
         return self._find(node).ref
+
+    def node_locks(self, node) -> int:
+        return self._find(node).own
 
     def node_depth(self, node) -> int:
         return len(self._find(node).path)

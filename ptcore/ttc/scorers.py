@@ -97,14 +97,19 @@ class RewardModelScorer:
                 lcp = list(_common_prefix(todo))
                 if len(lcp) > 1 and eng.cache.radix.match_prefix(lcp).length < len(lcp):
                     eng.finish(eng.start(lcp))
-            seqs = [eng.start(list(t), compute=False) for t in todo]
+            seqs = []
             try:
+                for t in todo:  # appended one by one: a later start may raise (bad id, CacheFull)
+                    seqs.append(eng.start(list(t), compute=False))
                 logits = eng.forward(seqs, [[] for _ in seqs])
-                for t, row in zip(todo, logits):
-                    self.memo[t] = self._value(row)
-            finally:
-                for q in seqs:
-                    eng.finish(q)
+            except BaseException:
+                for q in seqs:  # their keys/values may be unwritten: never cache them
+                    eng.release(q)
+                raise
+            for q in seqs:
+                eng.finish(q)
+            for t, row in zip(todo, logits):
+                self.memo[t] = self._value(row)
         return [self.memo[tuple(s)] for s in sequences]
 
     def __call__(self, candidates: list[Candidate]) -> list[float]:

@@ -144,8 +144,8 @@ class Search:
         self.engine = engine
         self.scorer = scorer
         self.params = step_params
-        self.prompt_text = prompt if isinstance(prompt, str) else engine.decode(prompt) if engine.tokenizer else None
         self.prompt = engine.encode(prompt) if isinstance(prompt, str) else engine._check_tokens("prompt", prompt)
+        self.prompt_text = prompt if isinstance(prompt, str) else engine.decode(self.prompt) if engine.tokenizer else None
         self.max_tokens = max_tokens
         self.stats = SearchStats()
         self._stack = contextlib.ExitStack()
@@ -158,14 +158,21 @@ class Search:
         self._srec = None
         if isinstance(s_engine, Engine) and s_engine is not self.engine:
             self._srec = self._stack.enter_context(s_engine.record())
-        self.root = Node(self.engine.start(self.prompt), None, [], [], False)
+        try:
+            self.root = Node(self.engine.start(self.prompt), None, [], [], False)
+        except BaseException:
+            self._stack.close()  # __exit__ does not run when __enter__ fails: stop recording here
+            raise
         self.live.append(self.root.seq)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        # After an error (CacheFull, a failing scorer, Ctrl-C) a sequence may hold positions whose
+        # keys/values were never written: release them instead of caching them for later calls.
+        end = self.engine.finish if exc_type is None else self.engine.release
         for seq in self.live:
             if seq.alive:
-                self.engine.finish(seq)
+                end(seq)
         self._stack.close()
         r = self._rec
         self.stats.tokens_computed = r.stats.tokens_computed
@@ -194,8 +201,12 @@ class Search:
             if len(values) != len(todo):
                 raise ValueError(f"ttc: the scorer returned {len(values)} scores for {len(todo)} candidates")
             self.stats.scorer_calls += 1
+            values = [float(v) for v in values]
+            for i, v in enumerate(values):
+                if v != v:  # NaN compares false with everything: max() would pick arbitrarily
+                    raise ValueError(f"ttc: the scorer returned NaN for candidate {i} of {len(todo)}")
             for n, v in zip(todo, values):
-                n.value = float(v)
+                n.value = v
         return [n.value for n in nodes]
 
     def release(self, node: Node) -> None:
@@ -234,9 +245,9 @@ class Search:
                 dataclasses.replace(self.params, max_new_tokens=max(1, budget))
             for _ in range(kk):
                 seqs.append(self.engine.fork(p.seq))
+                self.live.append(seqs[-1])  # at once: a later fork may raise CacheFull
                 owners.append(p)
                 plist.append(params)
-        self.live.extend(seqs)
         done = self.engine.generate_from(seqs, plist, self._generators(len(seqs)))
         out = {id(p): [] for p in parents}
         eos = set(self.engine.eos_token_ids)

@@ -46,6 +46,8 @@ struct RadixMatch {
 
 class RadixCache {
  public:
+  // Bigger pages make no sense (and evict / owned_slots list every slot of a page).
+  static constexpr int64_t kMaxPageSize = int64_t(1) << 20;
   explicit RadixCache(int64_t page_size);
   ~RadixCache();
   RadixCache(const RadixCache&) = delete;
@@ -57,7 +59,7 @@ class RadixCache {
   // caller frees its slots for those). The new pages must not already belong to the tree.
   int64_t insert(const int64_t* tokens, const int64_t* slots, int64_t n);
   void lock(int64_t node);    // +1 on the node and every ancestor up to the root
-  void unlock(int64_t node);  // -1 likewise; the node must be locked
+  void unlock(int64_t node);  // -1 likewise; the node itself must hold a lock (taken by lock(node))
   // Frees at least num_slots slots (whole pages) by removing unlocked leaves, least recently used
   // first (ties: lower node id); returns them. Fewer when nothing more is evictable.
   std::vector<int64_t> evict(int64_t num_slots);
@@ -66,7 +68,8 @@ class RadixCache {
 
   std::vector<int64_t> owned_slots() const;  // every slot of every page the tree owns, sorted
   bool has_node(int64_t id) const;
-  int64_t node_ref(int64_t id) const;
+  int64_t node_ref(int64_t id) const;    // locks on the node and below it
+  int64_t node_locks(int64_t id) const;  // locks taken on the node itself
   int64_t node_depth(int64_t id) const;  // depth of the node's last token + 1 (root: 0)
   int64_t page_size() const { return page_size_; }
   int64_t cached_tokens() const { return cached_tokens_; }
