@@ -167,7 +167,9 @@ class GRPOObjective(BaseObjective):
         batch["stats"] = {"reward": float(valid.mean()) if len(valid) else 0.0,
                           "reward_std": float(valid.std()) if len(valid) > 1 else 0.0,
                           "completion_length": float(lengths.mean()),
-                          "truncated": float((cmask[:, -1] == 1).float().mean()) if self.eos_id is not None else 0.0,
+                          # cut by max_new_tokens: no eos among the kept tokens (one in the last column counts as ended)
+                          "truncated": float((~((comp == self.eos_id) & cmask.bool()).any(-1)).float().mean())
+                          if self.eos_id is not None else 0.0,
                           **{f"rewards/{k}": float(v[~torch.isnan(v)].mean()) if (~torch.isnan(v)).any() else 0.0
                              for k, v in per_fn.items()}}
         batch["units"] = self._units(mask)
