@@ -8,7 +8,9 @@
   reuse turned off (``Engine(prefix_caching=False)``): every new node re-encodes its whole prefix
   from scratch, as a search loop that re-sends the full text to an engine without a prefix cache.
 
-Reported per row: median wall time, tokens computed (positions run through the model), tree
+The implementations of a workload alternate run by run (a shared machine's load changes hit both
+alike). Reported per row: median wall time, median CPU time of the process (all threads; steadier
+than wall time when other jobs share the cores), tokens computed (positions run through the model), tree
 tokens (distinct token prefixes whose keys/values the search needed: the limit of tokens
 computed) and their ratio (target <= 1.05 for ptcore), and the speedup over the baseline (target
 >= 3x over HF generate for best-of-16). The scorer is a deterministic toy (counts a token id), so
@@ -23,6 +25,7 @@ there ``GFLOP/s`` is the useful model work (2 x parameters x tree tokens) per se
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -143,32 +146,45 @@ def main(argv=None) -> int:
     records = []
     for workload in [args.only] if args.only else list(DEFAULTS):
         s = DEFAULTS[workload]
-        rows = []
-        for impl in cases_for(workload):
-            step, reset, stats = make_run(workload, impl, s, device)
+        impls = cases_for(workload)
+        runs = {impl: make_run(workload, impl, s, device) for impl in impls}
+        for step, reset, _ in runs.values():
             step()  # warm-up
             reset()
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
+        # The implementations alternate run by run, so a change in the load of a shared machine
+        # hits both sides alike; CPU time (all threads of this process) is reported beside wall time.
+        times = {impl: [] for impl in impls}
+        cpu = {impl: [] for impl in impls}
+        for _ in range(args.repeats):
+            for impl in impls:
+                step, reset, _ = runs[impl]
+                gc.collect()
+                c0, t0 = time.process_time(), time.perf_counter()
                 step()
                 harness.sync(device)
-                times.append(time.perf_counter() - t0)
+                times[impl].append(time.perf_counter() - t0)
+                cpu[impl].append(time.process_time() - c0)
                 reset()
-            computed, tree = stats()
-            rows.append({"workload": workload, "implementation": impl, "sizes": s, "times": times,
-                         "median_s": statistics.median(times), "tokens_computed": computed,
+        rows = []
+        for impl in impls:
+            computed, tree = runs[impl][2]()
+            rows.append({"workload": workload, "implementation": impl, "sizes": s, "times": times[impl],
+                         "cpu_times": cpu[impl], "median_s": statistics.median(times[impl]),
+                         "median_cpu_s": statistics.median(cpu[impl]), "tokens_computed": computed,
                          "tree_tokens": tree, "computed_over_tree": computed / tree})
             print(f"{workload} {impl}: {rows[-1]['median_s']:.3f} s", file=sys.stderr, flush=True)
+        del runs
         for r in rows:
             r["speedup"] = rows[1]["median_s"] / r["median_s"]  # baseline time / this row's time
+            r["cpu_speedup"] = rows[1]["median_cpu_s"] / r["median_cpu_s"]
         records += rows
     heading = (f"test-time search, tiny Llama (0.8M params), 512-token prompt | {harness.device_name(device)} | "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads | median of {args.repeats} runs")
-    heads = ["workload", "implementation", "median s", "tokens computed", "tree tokens", "computed / tree",
-             "speedup vs baseline"]
-    cells = [[r["workload"], r["implementation"], f"{r['median_s']:.3f}", str(r["tokens_computed"]),
-              str(r["tree_tokens"]), f"{r['computed_over_tree']:.3f}", f"{r['speedup']:.2f}"] for r in records]
+    heads = ["workload", "implementation", "median s", "median CPU s", "tokens computed", "tree tokens",
+             "computed / tree", "speedup vs baseline", "CPU-time speedup"]
+    cells = [[r["workload"], r["implementation"], f"{r['median_s']:.3f}", f"{r['median_cpu_s']:.3f}",
+              str(r["tokens_computed"]), str(r["tree_tokens"]), f"{r['computed_over_tree']:.3f}",
+              f"{r['speedup']:.2f}", f"{r['cpu_speedup']:.2f}"] for r in records]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
     line = lambda c: "  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths)))  # noqa: E731
     print("\n" + heading + "\n" + line(heads) + "\n" + line(["-" * w for w in widths]))

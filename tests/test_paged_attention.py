@@ -211,6 +211,38 @@ def test_cpu_split_decode_long_context_and_batch_invariance():
     assert torch.equal(decode("cpu", c), out)  # repeatable
 
 
+@pytest.mark.parametrize("dtype,page_size,G", [(torch.float32, 16, 2), (torch.float64, 4, 4),
+                                               (torch.bfloat16, 16, 1), (torch.float32, 1, 4)])
+def test_cpu_decode_forks_sharing_prefix_pages(dtype, page_size, G):
+    """Forks whose block tables map the prompt to the same pages (best-of-n, search trees): the C++
+    kernel computes each shared 256-key chunk once for the whole group. Every row still matches
+    the oracle: forks sharing two chunks or only the first, a group larger than one work item
+    (16 // G + 4 members), one sequence with its own copy of the prompt, one exactly at the split
+    length, softcap on."""
+    if dispatch_why("cpu"):
+        pytest.skip(f"backend cpu: {dispatch_why('cpu')}")
+    S, members = page_size, 32 // G + 4
+    lens = [700] + [513 + 7 * i for i in range(members)] + [300, 257, 256, 600]
+    c = make_case(S, 2, G, 16, lens, [1] * len(lens), dtype=dtype)
+    table = c["block_table"]
+    for b in range(1, members + 1):
+        table[b, :512 // S] = table[0, :512 // S]  # two whole chunks of the root's pages
+    table[members + 1, :256 // S] = table[0, :256 // S]  # one chunk, then its own pages
+    table[members + 2, :256 // S] = table[0, :256 // S]
+    table[members + 3, :256 // S] = table[0, :256 // S]  # 256 keys: not split, computed alone
+    opts = dict(softcap=3.0)
+    out = decode("cpu", c, **opts)
+    ref = reference(c, **opts)
+    if dtype == torch.bfloat16:
+        assert rel_err(out, ref) <= rel_err(reference(c, dtype=dtype, **opts), ref) + 1e-2
+    else:
+        assert rel_err(out, ref) < (1e-12 if dtype == torch.float64 else 1e-5)
+    last = len(lens) - 1  # shares nothing: the same bits as when alone
+    alone = {**c, "q": c["q"][last:], "block_table": table[last:], "seq_lens": c["seq_lens"][last:]}
+    assert torch.equal(decode("cpu", alone, **opts), out[last:])
+    assert torch.equal(decode("cpu", c, **opts), out)  # repeatable
+
+
 def dispatch_why(backend):
     from ptcore.ops import dispatch
     return dispatch.cannot_run(backend, torch.device("cpu"), torch.float32)

@@ -7,7 +7,11 @@
 // with a long context is split into key chunks of a fixed size whose partials are merged after
 // (flash-decoding), so a small batch still keeps every core busy. Splits depend only on the
 // sequence's own length and each sum runs in a fixed order: a row's result does not depend on the
-// batch it shares or on the thread count.
+// thread count, nor on the batch it shares unless other sequences of the batch map a whole chunk of
+// its keys to the same pages. Such a chunk (the prompt of n forks in best-of-n, the common steps of
+// a search tree) is computed once for the whole group: their query rows are stacked into one item
+// (so the 4-row micro-kernels apply and each key row is loaded once), each member getting its own
+// partial to merge; those rows' results then differ from a solo run in the last bits only.
 #include "ptcore/paged_attention.h"
 
 #include <algorithm>
@@ -17,6 +21,10 @@
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "ptcore/scalar.h"
 
@@ -102,6 +110,10 @@ void check(const PagedAttentionArgs& a) {
 struct Item {
   int64_t b, g, j0, j1, k0, k1;
   int64_t part;  // -1: writes the output; else index of its partial (m, l, acc) in the split buffers
+  // A shared decode chunk: members [m0, m0 + nm) of the member lists (sequences whose block tables
+  // map the chunk's keys to the same pages, e.g. forks of one prompt) are computed together, G
+  // rows each; b is the first member (its block table is read). nm == 0: an ordinary item.
+  int64_t m0 = 0, nm = 0;
 };
 
 // A split item's partials are merged by a Group: parts [first, first + count) of rows (b, g, j0).
@@ -164,9 +176,15 @@ inline void pv4(float* acc, int64_t D, const float* p, const float* const* v, in
 inline float dot_vec(const float* q, const float* k, int64_t D) {
   vf acc{};
   for (int64_t d = 0; d < D; d += kVec) acc += vload(q + d) * vload(k + d);
+#if defined(__AVX512F__)
+  __m512 v;
+  std::memcpy(&v, &acc, sizeof(v));
+  return _mm512_reduce_add_ps(v);  // a shuffle tree, not 16 dependent scalar adds
+#else
   float s = 0;
   for (int64_t i = 0; i < kVec; ++i) s += acc[i];
   return s;
+#endif
 }
 
 // acc[0:D] += sum_kk p[kk] v[kk][0:D] for one row: two vectors of acc held in registers across keys.
@@ -198,6 +216,8 @@ struct Kernel {
   const PagedAttentionArgs& a;
   const int64_t G, D;
   const A cap, inv_cap;
+  // Shared decode chunks (see Item): member sequences and the partial index of each member.
+  std::vector<int64_t> member_seq, member_part;
 
   explicit Kernel(const PagedAttentionArgs& args)
       : a(args), G(args.q_heads / args.kv_heads), D(args.head_dim), cap(A(args.softcap)),
@@ -249,7 +269,18 @@ struct Kernel {
       for (int64_t kk = std::max<int64_t>(0, prefix + j + 1 - p0); kk < nk; ++kk) s[kk] = neg_inf;
     }
     A mt = neg_inf;
-    for (int64_t kk = 0; kk < nk; ++kk) mt = std::max(mt, s[kk]);
+#if defined(__AVX512F__)
+    if constexpr (kFloat) {
+      if (nk == kKeyTile) {  // a full tile: two vectors, one tree reduction (no 32-step max chain)
+        const float* sf = reinterpret_cast<const float*>(s);
+        mt = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_loadu_ps(sf), _mm512_loadu_ps(sf + kVec)));
+      }
+    }
+#endif
+    if (mt == neg_inf) {
+#pragma omp simd reduction(max : mt)
+      for (int64_t kk = 0; kk < nk; ++kk) mt = std::max(mt, s[kk]);
+    }
     if (mt == neg_inf) {  // nothing visible in this tile
       std::fill(s, s + nk, A(0));
       return;
@@ -259,9 +290,11 @@ struct Kernel {
     A sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t kk = 0; kk < nk; ++kk) {
-      const A e = s[kk] == neg_inf ? A(0) : fast_exp(s[kk] - m_new);
-      s[kk] = e;
-      sum += e;
+      // exp first, then select: a blend the loop vectorizes (fast_exp clamps -inf to exp(-87))
+      const A x = s[kk], e = fast_exp(x - m_new);
+      const A p = x == neg_inf ? A(0) : e;
+      s[kk] = p;
+      sum += p;
     }
     w.l[r] = w.l[r] * alpha + sum;
     w.m[r] = m_new;
@@ -273,15 +306,17 @@ struct Kernel {
   }
 
   void run(const Item& it, Scratch& w, A* part_m, A* part_l, A* part_acc) const {
-    const int64_t t0 = q_start(a, it.b), n = q_len(a, it.b), prefix = int64_t(a.seq_lens[it.b]) - n;
-    const int64_t rows = (it.j1 - it.j0) * G;
+    const int64_t t0 = q_start(a, it.b), n = q_len(a, it.b);
+    // a shared chunk lies below every member's length: all its keys are visible to all rows
+    const int64_t prefix = it.nm ? it.k1 - 1 : int64_t(a.seq_lens[it.b]) - n;
+    const int64_t rows = it.nm ? it.nm * G : (it.j1 - it.j0) * G;
     const bool tiled = kFloat && rows >= 4;  // the micro-kernels, on rows rounded up to 4
     const int64_t rows4 = (rows + 3) / 4 * 4;
     const int32_t* bt = a.block_table + it.b * a.bt_stride;
     const A scale = A(a.scale);
     const A neg_inf = -std::numeric_limits<A>::infinity();
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t t = t0 + it.j0 + r / G, h = it.g * G + r % G;
+      const int64_t t = it.nm ? q_start(a, member_seq[it.m0 + r / G]) : t0 + it.j0 + r / G, h = it.g * G + r % G;
       const T* src = static_cast<const T*>(a.q) + t * a.q_stride_t + h * a.q_stride_h;
       A* dst = w.q.data() + r * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = A(load(src[d])) * scale;
@@ -305,7 +340,7 @@ struct Kernel {
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t j = it.j0 + r / G;
+        const int64_t j = it.nm ? 0 : it.j0 + r / G;
         if (!tiled) {
           const A* qr = w.q.data() + r * D;
           A* s = w.s.data() + r * kKeyTile;
@@ -346,7 +381,14 @@ struct Kernel {
         }
       }
     }
-    if (it.part < 0) {
+    if (it.nm) {  // each member's rows go to that member's partial of this chunk
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t k = member_part[it.m0 + r / G] * G + r % G;
+        part_m[k] = w.m[r];
+        part_l[k] = w.l[r];
+        std::copy(w.acc.begin() + r * D, w.acc.begin() + (r + 1) * D, part_acc + k * D);
+      }
+    } else if (it.part < 0) {
       for (int64_t r = 0; r < rows; ++r) write_row(it.b, it.g, it.j0, r, w.acc.data() + r * D, w.l[r]);
     } else {
       const int64_t base = it.part * rows;
@@ -386,42 +428,121 @@ struct Kernel {
     }
   }
 
-  void operator()() const {
+  // Decode chunks c (keys [c * kSplitKeys, (c + 1) * kSplitKeys), below the sequence's length) that
+  // several sequences map to the same pages: sorted by a hash of the page ids, equal runs checked.
+  // Returns (group id, b) of the members of each group of two or more, by group.
+  std::vector<std::pair<int64_t, int64_t>> shared_groups(int64_t c) const {
+    const int64_t S = a.page_size, pg0 = c * kSplitKeys / S, pg1 = ((c + 1) * kSplitKeys - 1) / S + 1;
+    std::vector<std::pair<uint64_t, int64_t>> keys;  // (hash of the chunk's page ids, b)
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const int64_t L = a.seq_lens[b];
+      if ((c + 1) * kSplitKeys > L || L <= kSplitKeys) continue;  // a full chunk of a split row
+      const int32_t* row = a.block_table + b * a.bt_stride;
+      uint64_t h = 1469598103934665603ull;
+      for (int64_t i = pg0; i < pg1; ++i) h = (h ^ uint32_t(row[i])) * 1099511628211ull;
+      keys.push_back({h, b});
+    }
+    std::sort(keys.begin(), keys.end());
+    std::vector<std::pair<int64_t, int64_t>> out;  // (group id, b) for shared members, by group
+    std::vector<char> taken(keys.size(), 0);
+    int64_t group = 0;
+    for (size_t i = 0; i < keys.size(); ++i) {
+      if (taken[i]) continue;
+      const int32_t* lead = a.block_table + keys[i].second * a.bt_stride + pg0;
+      std::vector<int64_t> members{keys[i].second};
+      for (size_t k = i + 1; k < keys.size() && keys[k].first == keys[i].first; ++k) {
+        const int32_t* row = a.block_table + keys[k].second * a.bt_stride + pg0;
+        if (!taken[k] && std::memcmp(row, lead, sizeof(int32_t) * (pg1 - pg0)) == 0) {
+          taken[k] = 1;
+          members.push_back(keys[k].second);
+        }
+      }
+      if (members.size() < 2) continue;
+      std::sort(members.begin(), members.end());
+      for (int64_t b : members) out.push_back({group, b});
+      ++group;
+    }
+    return out;
+  }
+
+  void operator()() {
     const int64_t block = std::max<int64_t>(1, kRowsPerBlock / G);
     std::vector<Item> items;
     std::vector<Group> groups;
     int64_t parts = 0;
-    double work = 0;
+    // Decode: a chunk of keys that several sequences share (same pages: forks of one prompt, the
+    // common steps of a search tree) is computed once for all of them, their query rows stacked
+    // (the 4-row micro-kernels then apply), each member getting its own partial to merge.
+    const bool decode = a.cu_seqlens_q == nullptr;
+    int64_t max_chunks = 0;
+    if (decode)
+      for (int64_t b = 0; b < a.batch; ++b)
+        if (int64_t(a.seq_lens[b]) > kSplitKeys) max_chunks = std::max<int64_t>(max_chunks, a.seq_lens[b] / kSplitKeys);
+    std::vector<int64_t> first_part(decode ? a.batch * a.kv_heads : 0);
+    std::vector<char> covered(decode ? a.batch * max_chunks : 0, 0);
+    std::vector<std::vector<std::pair<int64_t, int64_t>>> chunk_groups(max_chunks);
+    for (int64_t c = 0; c < max_chunks && a.batch > 1; ++c) {
+      chunk_groups[c] = shared_groups(c);
+      for (const auto& gb : chunk_groups[c]) covered[gb.second * max_chunks + c] = 1;
+    }
     for (int64_t b = 0; b < a.batch; ++b) {
       const int64_t n = q_len(a, b), L = a.seq_lens[b], prefix = L - n;
       for (int64_t j0 = 0; j0 < n; j0 += block) {
         const int64_t j1 = std::min(n, j0 + block);
         const int64_t kmax = a.tree_mask ? L : prefix + j1;  // causal: the last row sees < prefix + j1
-        work += double(kmax) * double(j1 - j0) * double(G * a.kv_heads * D);
         for (int64_t g = 0; g < a.kv_heads; ++g) {
           if (j1 - j0 == 1 && kmax > kSplitKeys) {
             const int64_t count = (kmax + kSplitKeys - 1) / kSplitKeys;
             groups.push_back({b, g, j0, parts, count});
-            for (int64_t i = 0; i < count; ++i)
-              items.push_back({b, g, j0, j1, i * kSplitKeys, std::min(kmax, (i + 1) * kSplitKeys), parts++});
+            if (decode) first_part[b * a.kv_heads + g] = parts;
+            for (int64_t i = 0; i < count; ++i, ++parts)
+              if (!(decode && i < max_chunks && covered[b * max_chunks + i]))
+                items.push_back({b, g, j0, j1, i * kSplitKeys, std::min(kmax, (i + 1) * kSplitKeys), parts});
           } else {
             items.push_back({b, g, j0, j1, 0, kmax, -1});
           }
         }
       }
     }
+    std::vector<Item> shared_items;
+    for (int64_t c = 0; c < max_chunks; ++c) {
+      const auto& cg = chunk_groups[c];
+      for (size_t i = 0; i < cg.size();) {
+        size_t e = i;
+        while (e < cg.size() && cg[e].first == cg[i].first) ++e;
+        for (size_t s0 = i; s0 < e; s0 += size_t(block)) {  // at most `block` members (rows) per item
+          const size_t s1 = std::min(e, s0 + size_t(block));
+          for (int64_t g = 0; g < a.kv_heads; ++g) {
+            Item it{cg[s0].second, g, 0, 1, c * kSplitKeys, (c + 1) * kSplitKeys, -1};
+            it.m0 = int64_t(member_seq.size());
+            it.nm = int64_t(s1 - s0);
+            for (size_t m = s0; m < s1; ++m) {
+              member_seq.push_back(cg[m].second);
+              member_part.push_back(first_part[cg[m].second * a.kv_heads + g] + c);
+            }
+            shared_items.push_back(it);
+          }
+        }
+        i = e;
+      }
+    }
+    items.insert(items.begin(), shared_items.begin(), shared_items.end());  // the big ones first
+    double work = 0;  // query rows x keys x head_dim actually computed (a shared chunk once)
+    for (const Item& it : items)
+      work += double(it.k1 - it.k0) * double(it.nm ? it.nm * G : (it.j1 - it.j0) * G) * double(D);
     std::vector<A> part_m(parts * G), part_l(parts * G), part_acc(parts * G * D);
     const int64_t n_items = int64_t(items.size()), n_groups = int64_t(groups.size());
     const int64_t max_rows = (std::min<int64_t>(block, std::max<int64_t>(1, a.tokens)) * G + 3) / 4 * 4;
+    const Kernel& self = *this;
     // Threads only for calls of more than ~50 us of work: below that, waking the pool (and, on a
     // machine with more runnable processes than cores, waiting for a descheduled thread) costs more.
-#pragma omp parallel if (work > 2e5 && n_items > 1)
+#pragma omp parallel if (work > 4e5 && n_items > 1)
     {
       Scratch w(max_rows, D);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < n_items; ++i) run(items[i], w, part_m.data(), part_l.data(), part_acc.data());
+      for (int64_t i = 0; i < n_items; ++i) self.run(items[i], w, part_m.data(), part_l.data(), part_acc.data());
 #pragma omp for schedule(static)
-      for (int64_t i = 0; i < n_groups; ++i) merge(groups[i], part_m.data(), part_l.data(), part_acc.data(), w.acc.data());
+      for (int64_t i = 0; i < n_groups; ++i) self.merge(groups[i], part_m.data(), part_l.data(), part_acc.data(), w.acc.data());
     }
   }
 };

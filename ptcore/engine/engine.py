@@ -332,7 +332,7 @@ class Engine:
         block_table = self.cache.block_table(handles).to(dev)
         seq_lens = self.cache.seq_lens(handles).to(dev)
         decode = tree_mask is None and all(n == 1 for n in lens)
-        cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(dev)
+        cu = None if decode else torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(dev)
         kp, vp = self.pool.k, self.pool.v
         scale = self.model.scale
 
@@ -343,13 +343,15 @@ class Engine:
             return ops.paged_attention_extend(q, kp[layer], vp[layer], block_table, seq_lens, cu,
                                               scale=scale, tree_mask=tree_mask)
 
-        ends = torch.tensor(lens).cumsum(0)
-        if all_logits:
+        if decode:
+            select = None  # one row per sequence: every row
+        elif all_logits:
             # rows of the new tokens (the last num_new of each feed; at least the last row)
-            select = torch.cat([torch.arange(int(e) - max(1, m), int(e)) for e, m in zip(ends, num_new)])
+            ends = torch.tensor(lens).cumsum(0)
+            select = torch.cat([torch.arange(int(e) - max(1, m), int(e)) for e, m in zip(ends, num_new)]).to(dev)
         else:
-            select = ends - 1
-        logits = self.model.forward(ids, positions, attention, select.to(dev))
+            select = (torch.tensor(lens).cumsum(0) - 1).to(dev)
+        logits = self.model.forward(ids, positions, attention, select)
         logits = logits.float() if logits.dtype != torch.float64 else logits
         self.stats.tokens_computed += T
         self.stats.forward_calls += 1

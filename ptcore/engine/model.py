@@ -192,8 +192,8 @@ class CompactModel:
             else:
                 qk = torch.cat([q, k], dim=1)
             qk = self._rotate(qk, cos, sin)  # one rotation for q and k
-            q, k = qk[:, :Hq].contiguous(), qk[:, Hq:].contiguous()
-            o = attention(i, q, k, v.contiguous())
+            # strided views, no copies: the paged ops read rows through their strides
+            o = attention(i, qk[:, :Hq], qk[:, Hq:], v)
             x = x + F.linear(o.reshape(T, Hq * D), *L.o)
             h = self._rms(x, L.ln2)
             if len(L.gate_up) == 1:

@@ -204,8 +204,9 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
     if slots.shape[0] == 0:
         return
     if slots.device.type == "cpu":
-        bad = (slots < 0) | (slots >= P * S)
-        if _host_any(bad):
+        lo, hi = torch.aminmax(slots)  # one reduction: this runs once per layer per engine step
+        if int(lo) < 0 or int(hi) >= P * S:
+            bad = (slots < 0) | (slots >= P * S)
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"{op}: 'slots'[{i}] = {int(slots[i])} is outside the cache's [0, {P * S}) slots")
     if k_cache.stride(0) == S * k_cache.stride(1) and v_cache.stride(0) == S * v_cache.stride(1):
