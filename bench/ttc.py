@@ -135,6 +135,36 @@ def cases_for(workload: str) -> list[str]:
     return ["ptcore[engine]", BASELINES[workload]]
 
 
+TITLES = {"best_of_n": "best-of-16 (64 new tokens each)",
+          "beam_search": "beam search, 4 beams x 4 expansions, 8 steps of 16 tokens",
+          "mcts": "MCTS, 64 simulations, 4 expansions, steps of 16 tokens"}
+SUITE_NAMES = {"best_of_n": "ttc_best_of_n", "beam_search": "ttc_beam", "mcts": "ttc_mcts"}
+NOTES = {"HF generate": "transformers generate(num_return_sequences=16): the prompt encoded 16 times",
+         "re-encode": "the same search on Engine(prefix_caching=False): every node re-encodes its prefix"}
+
+
+def interface(workload: str) -> dict:
+    """The bench/registry.py interface of one workload, for the suite runner's table. Its unit of
+    work is the useful model work, 2 x parameters x tree tokens, so the rate relative to the
+    baseline row is ptcore's speedup over it (``python -m bench.ttc`` adds the token columns)."""
+    sizes = dict(DEFAULTS[workload])
+
+    def build(case, s, dtype, device):
+        step, reset, _ = make_run(workload, case, s, device, dtype)
+        return step, reset
+
+    return dict(
+        NAME=SUITE_NAMES[workload], TITLE=TITLES[workload], SIZE_KEYS=tuple(sizes),
+        DEFAULT_SIZES={"cpu": sizes, "cuda": sizes}, LARGE_SIZES={**sizes, "P": 2048},
+        DEFAULT_DTYPE={"cpu": "float32", "cuda": "float32"}, BASELINE=BASELINES[workload],
+        REPEATS={"cpu": 3, "cuda": 3}, UNIT="model FLOP", NOTES=NOTES,
+        flops=lambda s: flops(workload, s),
+        cases=lambda device, dtype: [(c, None) for c in cases_for(workload)],
+        reference=lambda device, dtype: "ptcore[engine]",
+        estimate_bytes=lambda case, s, dtype: 2 << 30,
+        build=build)
+
+
 def main(argv=None) -> int:
     from bench import harness
     p = argparse.ArgumentParser(prog="python -m bench.ttc", description=__doc__.split("\n\n")[0])
