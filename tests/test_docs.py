@@ -11,7 +11,8 @@ import ptcore.ops.fused_losses
 import ptcore.ops.logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# The README must have examples; a docs page is tested when it has any (benchmarks.md has none).
+DOCS = [ROOT / "README.md", *(p for p in sorted((ROOT / "docs").glob("*.md")) if "```python" in p.read_text())]
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
