@@ -294,3 +294,128 @@ def test_local_path_and_text_prompts(tmp_path):
     assert c.tokens == a.tokens[:len(c.tokens)]
     with pytest.raises(ValueError, match="model"):
         Engine(tmp_path / "missing")
+
+
+# -- failures mid-forward: no sequence claims K/V that was never written, nothing leaks ----------
+
+def _fail_on_call(monkeypatch, obj, name, at, exc=KeyboardInterrupt):
+    """Makes obj.name raise ``exc`` on its ``at``-th call (1-based), then behave again."""
+    real = getattr(obj, name)
+    calls = [0]
+
+    def flaky(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at:
+            raise exc("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, flaky)
+    return lambda: monkeypatch.setattr(obj, name, real)
+
+
+def _idle(engine):
+    engine.cache.check()
+    assert not engine.cache.running and engine.cache.radix.locks == 0
+
+
+def test_interrupted_generate_caches_no_unwritten_kv(monkeypatch):
+    """A failure at the 2nd layer's write_kv of generate's prefill: the prompt's positions were
+    reserved but layer 1 was never written. They must not reach the radix cache (a later start
+    reused 9 such tokens and its logits were off by 0.245)."""
+    from ptcore import ops
+    model = tiny_model()
+    prompt = torch.randint(0, 131, (10,)).tolist()
+    ref = Engine(model, page_size=4, max_cached_tokens=512).start(prompt).logits
+    engine = Engine(model, page_size=4, max_cached_tokens=512)
+    restore = _fail_on_call(monkeypatch, ops, "write_kv", 2)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate([prompt], SamplingParams(max_new_tokens=4, temperature=0), n=3)
+    restore()
+    _idle(engine)
+    seq = engine.start(prompt)
+    assert rel_err(seq.logits, ref) < 1e-12
+    engine.release(seq)
+    engine.flush()
+    assert engine.pool.num_free == engine.pool.num_pages
+
+
+@pytest.mark.parametrize("where", ["write_kv", "model"])
+def test_failed_forward_rolls_back(monkeypatch, where):
+    """After a forward that raised mid-model, the sequence has its old tokens, no K/V past them
+    and no stale logits: forward([seq], [[]]) recomputes instead of returning the old logits, and
+    a retry appends the new tokens once."""
+    from ptcore import ops
+    model = tiny_model()
+    ids = torch.randint(0, 131, (12,)).tolist()
+    ref_engine = Engine(model, page_size=4, max_cached_tokens=512)
+    ref5, ref12 = ref_engine.start(ids[:5]).logits, ref_engine.start(ids).logits
+    engine = Engine(model, page_size=4, max_cached_tokens=512)
+    seq = engine.start(ids[:5])
+    restore = (_fail_on_call(monkeypatch, ops, "write_kv", 2, RuntimeError) if where == "write_kv"
+               else _fail_on_call(monkeypatch, engine.model, "forward", 1, RuntimeError))
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.forward([seq], [ids[5:]])
+    restore()
+    assert seq.tokens == ids[:5] and seq.num_computed <= 5 and seq.logits is None
+    engine.cache.check()
+    assert rel_err(engine.forward([seq], [[]])[0], ref5) < 1e-12
+    assert rel_err(engine.forward([seq], [ids[5:]])[0], ref12) < 1e-12
+    assert seq.tokens == ids
+    engine.finish(seq)
+    _idle(engine)
+
+
+def test_generate_cachefull_in_a_fork_leaks_nothing():
+    """8 pages and n=12: a fork runs out of pages. Every sequence made so far (the forks of the
+    group too) is released: no lock, every page back after flush (flush failed forever before)."""
+    from ptcore.cache import CacheFull
+    engine = Engine(tiny_model(), page_size=4, max_cached_tokens=32)
+    with pytest.raises(CacheFull):
+        engine.generate([torch.randint(0, 131, (6,)).tolist()], SamplingParams(max_new_tokens=3), n=12)
+    _idle(engine)
+    engine.flush()
+    assert engine.pool.num_free == engine.pool.num_pages
+
+
+def test_start_cachefull_releases_the_sequence():
+    from ptcore.cache import CacheFull
+    engine = Engine(tiny_model(), page_size=4, max_cached_tokens=16)
+    with pytest.raises(CacheFull):
+        engine.start(torch.randint(0, 131, (40,)).tolist())
+    _idle(engine)
+    assert engine.pool.num_free == engine.pool.num_pages
+    engine.finish(engine.start([1, 2, 3]))  # still usable
+
+
+def test_forward_cachefull_keeps_tokens_for_a_retry():
+    """CacheFull in reserve: the new tokens are not left pending (a retry appended them twice)."""
+    from ptcore.cache import CacheFull
+    model = tiny_model()
+    ids = torch.randint(0, 131, (9,)).tolist()
+    engine = Engine(model, page_size=4, max_cached_tokens=16)
+    seq = engine.start(ids[:3])
+    with pytest.raises(CacheFull):
+        engine.forward([seq], [list(range(30))])
+    assert seq.tokens == ids[:3] and seq.num_computed == 3 and seq.logits is not None
+    out = engine.forward([seq], [ids[3:]])[0]
+    assert seq.tokens == ids
+    assert rel_err(out, Engine(model, page_size=4, max_cached_tokens=64).start(ids).logits) < 1e-12
+    engine.finish(seq)
+    _idle(engine)
+
+
+def test_tree_mask_must_see_itself_and_stay_in_its_sequence():
+    """Positions come from row sums: a True past the sequence's own new tokens or a row that does
+    not see itself would give wrong positions silently."""
+    engine = Engine(tiny_model(), page_size=4, max_cached_tokens=1024)
+    a, b = engine.start([1, 2, 3]), engine.start([4, 5])
+    ok = torch.tensor([[1, 0], [1, 1], [1, 0]], dtype=torch.bool)  # a: 2 tokens, b: 1
+    past = ok.clone()
+    past[2, 1] = True  # b has only 1 new token
+    blind = ok.clone()
+    blind[1, 1] = False
+    for mask, msg in ((past, "only 1 new tokens"), (blind, "does not see itself")):
+        with pytest.raises(ValueError, match=msg):
+            engine.forward([a, b], [[7, 8], [9]], tree_mask=mask)
+        assert a.tokens == [1, 2, 3] and b.tokens == [4, 5]
+    engine.forward([a, b], [[7, 8], [9]], tree_mask=ok)

@@ -433,7 +433,8 @@ def test_cpp_layer_checks_again():
             dtype, q.data_ptr(), tokens, q_heads, 8, q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
             k.shape[0], 4, kv_heads, *k.stride()[:3], *v.stride()[:3], table.data_ptr(), 2, table.shape[1],
             table.stride(0), seq_lens.data_ptr(), 0 if cu is None else cu.data_ptr(), mask, mask_cols, 0.5, 0.0,
-            out.data_ptr())
+            out.data_ptr(), q.numel(), k.numel(), v.numel(), table.numel(), seq_lens.numel(),
+            0 if cu is None else cu.numel(), 27 if mask else 0, out.numel())
 
     call()  # valid
     bad_table = bt.clone()
@@ -447,3 +448,81 @@ def test_cpp_layer_checks_again():
                         (dict(cu=None), "sequences"), (dict(mask=tm.data_ptr(), mask_cols=2), "tree_mask")]:
         with pytest.raises(ValueError, match=arg):
             call(**kwargs)
+
+
+def _raw_call(c, out, **over):
+    """ptcore._C.paged_attention on case ``c`` with any argument overridden (keyword names of the
+    binding): the sizes, strides and numels the Python side would pass."""
+    q, k, v, bt, sl, cu, tm = (c[n] for n in ("q", "k_cache", "v_cache", "block_table", "seq_lens", "cu_seqlens_q",
+                                              "tree_mask"))
+    args = dict(dtype="float32", q=q.data_ptr(), tokens=q.shape[0], q_heads=q.shape[1], head_dim=q.shape[2],
+                q_stride_t=q.stride(0), q_stride_h=q.stride(1), k=k.data_ptr(), v=v.data_ptr(), pages=k.shape[0],
+                page_size=k.shape[1], kv_heads=k.shape[2], k_stride_page=k.stride(0), k_stride_slot=k.stride(1),
+                k_stride_head=k.stride(2), v_stride_page=v.stride(0), v_stride_slot=v.stride(1),
+                v_stride_head=v.stride(2), block_table=bt.data_ptr(), batch=bt.shape[0], max_pages=bt.shape[1],
+                bt_stride=bt.stride(0), seq_lens=sl.data_ptr(), cu_seqlens_q=cu.data_ptr(),
+                tree_mask=0 if tm is None else tm.data_ptr(), mask_cols=0 if tm is None else tm.shape[1],
+                scale=0.5, softcap=0.0, out=out.data_ptr(), q_numel=q.numel(), k_numel=k.numel(),
+                v_numel=v.numel(), block_table_numel=bt.numel(), seq_lens_numel=sl.numel(),
+                cu_seqlens_q_numel=cu.numel(), tree_mask_numel=0 if tm is None else tm.numel(),
+                out_numel=out.numel())
+    args.update(over)
+    paged_backends._cpu_kernel()(**args)
+
+
+def test_cpp_checks_every_extent():
+    """Wrong but pointer-free sizes / strides (a huge or negative stride, more pages than the cache
+    holds with a block-table id that points there, a lying head_dim, short buffers) raise
+    ValueError naming the argument instead of reading out of bounds (they segfaulted / aborted)."""
+    if paged_backends._cpu_kernel() is None:
+        pytest.skip("backend cpu: ptcore._C has no paged_attention")
+    c = make_case(4, 2, 2, 8, [10, 12], [4, 5], tree=True)
+    out = torch.empty_like(c["q"])
+    _raw_call(c, out)  # valid
+    P = c["k_cache"].shape[0]
+    far = c["block_table"].clone()
+    far[1, 0] = 10 ** 6  # a page id "inside" a cache claimed to have 10**6 + 1 pages
+    cases = [
+        (dict(k_stride_page=1 << 40), "k_cache"), (dict(k_stride_page=-64), "stride"),
+        (dict(v_stride_slot=1 << 50), "v_cache"), (dict(k_stride_head=-1), "stride"),
+        (dict(pages=10 ** 6 + 1, block_table=far.data_ptr()), "k_cache"),
+        (dict(pages=P + 1), "k_cache"),
+        (dict(bt_stride=1 << 40), "block_table"), (dict(bt_stride=-3), "stride"),
+        (dict(block_table_numel=5), "block_table"), (dict(seq_lens_numel=1), "seq_lens"),
+        (dict(cu_seqlens_q_numel=2), "cu_seqlens_q"),
+        (dict(q_stride_t=1 << 45), "'q'"), (dict(q_stride_h=-8), "stride"), (dict(q_numel=10), "'q'"),
+        (dict(out_numel=71), "'out'"), (dict(tree_mask_numel=3), "tree_mask"),
+        (dict(mask_cols=1 << 40), "tree_mask"), (dict(mask_cols=-1), "tree_mask"),
+        (dict(head_dim=1 << 40), "head_dim"),  # aborted in the scratch allocation (exit 134)
+        (dict(head_dim=1 << 14), "'q'"),
+        (dict(q_heads=1 << 40, kv_heads=1 << 39), "'q'"),
+        (dict(q_numel=-1), "numel"),
+    ]
+    for over, arg in cases:
+        with pytest.raises(ValueError, match=arg):
+            _raw_call(c, out, **over)
+    _raw_call(c, out)  # still fine after the errors
+
+
+def test_cpp_empty_block_table_columns():
+    """A block table with 0 columns (nothing to read) is not reported as a null pointer."""
+    if paged_backends._cpu_kernel() is None:
+        pytest.skip("backend cpu: ptcore._C has no paged_attention")
+    c = make_case(4, 2, 2, 8, [10, 12], [4, 5])
+    out = torch.empty(0, 4, 8)
+    c = {**c, "q": torch.empty(0, 4, 8), "block_table": torch.empty(2, 0, dtype=torch.int32),
+         "seq_lens": torch.zeros(2, dtype=torch.int32), "cu_seqlens_q": torch.zeros(3, dtype=torch.int32)}
+    _raw_call(c, out, block_table=0)  # no sequence reads a page: fine
+    with pytest.raises(ValueError, match="capacity"):
+        _raw_call({**c, "seq_lens": torch.tensor([0, 3], dtype=torch.int32)}, out, block_table=0)
+
+
+@pytest.mark.parametrize("backend", NOT_TRITON)
+def test_extend_no_sequences_cu_checked_on_every_backend(backend):
+    """cu_seqlens_q = [3] with no sequences is rejected by every backend alike (torch skipped it)."""
+    c = make_case(4, 2, 2, 8, [10], [2])
+    c = {**c, "q": torch.empty(0, 4, 8), "block_table": c["block_table"][:0], "seq_lens": c["seq_lens"][:0],
+         "cu_seqlens_q": torch.tensor([3], dtype=torch.int32)}
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        extend(backend, c)
+    assert extend(backend, {**c, "cu_seqlens_q": torch.zeros(1, dtype=torch.int32)}).shape == (0, 4, 8)

@@ -326,3 +326,17 @@ def test_bad_input():
     with pytest.raises(CacheFull, match="5 pages requested, 4 of 4 free"):
         pool.alloc(5)
     sim.cache.check()
+
+
+def test_pool_free_rejects_non_integer_page_ids():
+    """free(1.7) freed page 1 and free(True) page 1: non-integer ids are a TypeError."""
+    import numpy as np
+    pool = KVPool(1, 4, 2, 1, 4)
+    pages = pool.alloc(3)
+    for bad in (1.7, True, "1"):
+        with pytest.raises(TypeError, match="pages"):
+            pool.free([bad])
+    assert pool.num_free == 1
+    pool.free([np.int64(pages[1]), torch.tensor(pages[2])])
+    pool.free([pages[0]])
+    assert pool.num_free == 4

@@ -17,10 +17,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <stdexcept>
 #include <type_traits>
+#include <utility>
 #include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -41,8 +47,28 @@ constexpr int64_t kKeyTile = 32;       // keys per online-softmax step
 constexpr int64_t kRowsPerBlock = 32;  // query rows (tokens x heads of a group) per work item
 constexpr int64_t kSplitKeys = 256;    // keys per chunk of a split single-row item
 
+constexpr int64_t kMaxHeadDim = int64_t(1) << 16;  // far above any model's; bounds the scratch rows
+
 [[noreturn]] void fail(const std::string& what) {
   throw std::invalid_argument("paged_attention: " + what);
+}
+
+// The buffer `name` of `numel` elements is read (or written) at offsets sum_i idx_i * stride_i with
+// 0 <= idx_i < n_i for the (n_i, stride_i) of dims: the largest must lie below numel. Nothing is
+// reached when some n_i is 0. numel < 0: not given (C++ callers), not checked.
+void check_extent(const char* name, int64_t numel, std::initializer_list<std::pair<int64_t, int64_t>> dims) {
+  if (numel < 0) return;
+  __int128 hi = 0;
+  for (const auto& d : dims) {
+    if (d.first <= 0) return;
+    if (d.second < 0) fail(std::string("'") + name + "' has a negative stride " + std::to_string(d.second));
+    hi += __int128(d.first - 1) * d.second;
+  }
+  if (hi >= __int128(numel))
+    fail(std::string("'") + name + "' holds " + std::to_string(numel) +
+         " elements, fewer than its sizes and strides reach (offset " +
+         (hi > __int128(std::numeric_limits<int64_t>::max()) ? std::string("> 2^63")
+                                                             : std::to_string(int64_t(hi))) + ")");
 }
 
 int64_t q_start(const PagedAttentionArgs& a, int64_t b) { return a.cu_seqlens_q ? a.cu_seqlens_q[b] : b; }
@@ -56,7 +82,8 @@ void check(const PagedAttentionArgs& a) {
     fail("'q' dtype '" + dt + "' is not one of float32, float64, bfloat16, float16");
   if (a.tokens < 0 || a.batch < 0 || a.pages < 0 || a.max_pages < 0)
     fail("'tokens', 'batch', 'pages' and 'max_pages' must be >= 0");
-  if (a.head_dim <= 0) fail("'head_dim' must be > 0, got " + std::to_string(a.head_dim));
+  if (a.head_dim <= 0 || a.head_dim > kMaxHeadDim)
+    fail("'head_dim' must be in [1, " + std::to_string(kMaxHeadDim) + "], got " + std::to_string(a.head_dim));
   if (a.page_size <= 0) fail("'page_size' must be > 0, got " + std::to_string(a.page_size));
   if (a.kv_heads <= 0 || a.q_heads <= 0 || a.q_heads % a.kv_heads != 0)
     fail("'q' has " + std::to_string(a.q_heads) + " heads, not a positive multiple of the " +
@@ -66,10 +93,27 @@ void check(const PagedAttentionArgs& a) {
   if (!a.cu_seqlens_q && a.tokens != a.batch)
     fail("decode: 'q' has " + std::to_string(a.tokens) + " tokens but 'seq_lens' has " +
          std::to_string(a.batch) + " sequences");
-  if (a.batch > 0 && (!a.seq_lens || !a.block_table)) fail("'seq_lens' and 'block_table' must be non-null");
+  if (a.batch > 0 && !a.seq_lens) fail("'seq_lens' must be non-null");
+  if (a.batch > 0 && a.max_pages > 0 && !a.block_table) fail("'block_table' must be non-null");
   if (a.cu_seqlens_q == nullptr && a.tree_mask) fail("'tree_mask' needs 'cu_seqlens_q' (extend)");
   if (a.tokens > 0 && (!a.q || !a.out)) fail("'q' and 'out' must be non-null");
   if (a.bt_stride < a.max_pages) fail("'block_table' row stride is smaller than its width");
+  if (a.mask_cols < 0) fail("'tree_mask' has a negative number of columns");
+  // Every offset the kernel can reach, against each buffer's numel (before any buffer is read).
+  for (auto st : {a.q_stride_t, a.q_stride_h, a.k_stride_page, a.k_stride_slot, a.k_stride_head, a.v_stride_page,
+                  a.v_stride_slot, a.v_stride_head, a.bt_stride})
+    if (st < 0) fail("strides must be >= 0, got " + std::to_string(st) + " (q, k_cache, v_cache or block_table)");
+  check_extent("seq_lens", a.seq_lens_numel, {{a.batch, 1}});
+  if (a.cu_seqlens_q) check_extent("cu_seqlens_q", a.cu_seqlens_q_numel, {{a.batch + 1, 1}});
+  check_extent("block_table", a.block_table_numel, {{a.batch, a.bt_stride}, {a.max_pages, 1}});
+  check_extent("q", a.q_numel, {{a.tokens, a.q_stride_t}, {a.q_heads, a.q_stride_h}, {a.head_dim, 1}});
+  if (a.q_heads > std::numeric_limits<int64_t>::max() / a.head_dim) fail("'q_heads' x 'head_dim' overflows");
+  check_extent("out", a.out_numel, {{a.tokens, a.q_heads * a.head_dim}, {a.q_heads, a.head_dim}, {a.head_dim, 1}});
+  if (a.tree_mask) check_extent("tree_mask", a.tree_mask_numel, {{a.tokens, a.mask_cols}, {a.mask_cols, 1}});
+  check_extent("k_cache", a.k_numel, {{a.pages, a.k_stride_page}, {a.page_size, a.k_stride_slot},
+                                      {a.kv_heads, a.k_stride_head}, {a.head_dim, 1}});
+  check_extent("v_cache", a.v_numel, {{a.pages, a.v_stride_page}, {a.page_size, a.v_stride_slot},
+                                      {a.kv_heads, a.v_stride_head}, {a.head_dim, 1}});
   if (a.cu_seqlens_q) {
     const int32_t* cu = a.cu_seqlens_q;
     if (cu[0] != 0) fail("'cu_seqlens_q'[0] must be 0, got " + std::to_string(cu[0]));
@@ -81,7 +125,8 @@ void check(const PagedAttentionArgs& a) {
   } else if (a.batch == 0 && a.tokens != 0) {
     fail("'q' has tokens but there are no sequences");
   }
-  const int64_t capacity = a.max_pages * a.page_size;
+  const int64_t capacity = int64_t(std::min<__int128>(__int128(a.max_pages) * a.page_size,
+                                                       std::numeric_limits<int64_t>::max()));
   int64_t max_q = 0;
   bool any_page = false;
   for (int64_t b = 0; b < a.batch; ++b) {
@@ -536,9 +581,23 @@ struct Kernel {
     const Kernel& self = *this;
     // Threads only for calls of more than ~50 us of work: below that, waking the pool (and, on a
     // machine with more runnable processes than cores, waiting for a descheduled thread) costs more.
-#pragma omp parallel if (work > 4e5 && n_items > 1)
+    const bool threaded = work > 4e5 && n_items > 1;
+    int nthreads = 1;
+#if defined(_OPENMP)
+    if (threaded) nthreads = std::max(1, omp_get_max_threads());
+#endif
+    // Per-thread scratch allocated here, outside the parallel region: an exception (bad_alloc)
+    // thrown inside one would call std::terminate.
+    std::vector<Scratch> scratch;
+    scratch.reserve(size_t(nthreads));
+    for (int i = 0; i < nthreads; ++i) scratch.emplace_back(max_rows, D);
+#pragma omp parallel if (threaded) num_threads(nthreads)
     {
-      Scratch w(max_rows, D);
+#if defined(_OPENMP)
+      Scratch& w = scratch[size_t(omp_get_thread_num())];
+#else
+      Scratch& w = scratch[0];
+#endif
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < n_items; ++i) self.run(items[i], w, part_m.data(), part_l.data(), part_acc.data());
 #pragma omp for schedule(static)
@@ -568,8 +627,16 @@ void bind_paged_attention(pybind11::module_& m) {
          int64_t kv_heads, int64_t k_stride_page, int64_t k_stride_slot, int64_t k_stride_head,
          int64_t v_stride_page, int64_t v_stride_slot, int64_t v_stride_head, uintptr_t block_table,
          int64_t batch, int64_t max_pages, int64_t bt_stride, uintptr_t seq_lens, uintptr_t cu_seqlens_q,
-         uintptr_t tree_mask, int64_t mask_cols, double scale, double softcap, uintptr_t out) {
+         uintptr_t tree_mask, int64_t mask_cols, double scale, double softcap, uintptr_t out, int64_t q_numel,
+         int64_t k_numel, int64_t v_numel, int64_t block_table_numel, int64_t seq_lens_numel,
+         int64_t cu_seqlens_q_numel, int64_t tree_mask_numel, int64_t out_numel) {
+        for (auto n : {q_numel, k_numel, v_numel, block_table_numel, seq_lens_numel, cu_seqlens_q_numel,
+                       tree_mask_numel, out_numel})
+          if (n < 0) fail("the '*_numel' arguments must be >= 0");
         PagedAttentionArgs a;
+        a.q_numel = q_numel; a.k_numel = k_numel; a.v_numel = v_numel;
+        a.block_table_numel = block_table_numel; a.seq_lens_numel = seq_lens_numel;
+        a.cu_seqlens_q_numel = cu_seqlens_q_numel; a.tree_mask_numel = tree_mask_numel; a.out_numel = out_numel;
         a.dtype = dtype;
         a.q = reinterpret_cast<const void*>(q);
         a.tokens = tokens; a.q_heads = q_heads; a.head_dim = head_dim;
@@ -596,8 +663,10 @@ void bind_paged_attention(pybind11::module_& m) {
       py::arg("k_stride_head"), py::arg("v_stride_page"), py::arg("v_stride_slot"), py::arg("v_stride_head"),
       py::arg("block_table"), py::arg("batch"), py::arg("max_pages"), py::arg("bt_stride"), py::arg("seq_lens"),
       py::arg("cu_seqlens_q"), py::arg("tree_mask"), py::arg("mask_cols"), py::arg("scale"), py::arg("softcap"),
-      py::arg("out"),
-      "Paged attention of packed query tokens over a block-table KV cache (decode when cu_seqlens_q is 0).");
+      py::arg("out"), py::arg("q_numel"), py::arg("k_numel"), py::arg("v_numel"), py::arg("block_table_numel"),
+      py::arg("seq_lens_numel"), py::arg("cu_seqlens_q_numel"), py::arg("tree_mask_numel"), py::arg("out_numel"),
+      "Paged attention of packed query tokens over a block-table KV cache (decode when cu_seqlens_q is 0). "
+      "The *_numel arguments are the elements each buffer holds: every reachable offset is checked against them.");
 }
 
 }  // namespace ptcore

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import heapq
+import operator
 
 import torch
 
@@ -16,6 +17,15 @@ def _positive(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"KVPool: {name} must be an int >= 1, got {value!r}")
     return value
+
+
+def _page_id(p) -> int:
+    if not isinstance(p, bool):
+        try:
+            return operator.index(p)  # int, numpy integer, integer 0-d tensor
+        except TypeError:
+            pass
+    raise TypeError(f"KV pool: 'pages' must hold integer page ids, got {p!r} ({type(p).__name__})")
 
 
 class KVPool:
@@ -73,8 +83,9 @@ class KVPool:
 
     def free(self, pages) -> None:
         """Returns ``pages`` to the pool; ValueError on an id out of range or not allocated
-        (nothing is freed then)."""
-        pages = [int(p) for p in pages]
+        (nothing is freed then); TypeError on an id that is not an integer (a float or a bool would
+        otherwise free a page it does not name)."""
+        pages = [_page_id(p) for p in pages]
         seen = set()
         for p in pages:
             if not 0 <= p < self.num_pages:

@@ -189,7 +189,11 @@ class Engine:
         self.stats.tokens_cached += cached
         seq = Seq(handle)
         if compute:
-            self.forward([seq], [[]])
+            try:
+                self.forward([seq], [[]])
+            except BaseException:
+                self.release(seq)  # e.g. CacheFull: the caller never got the sequence
+                raise
         return seq
 
     def fork(self, seq: Seq, length: int | None = None) -> Seq:
@@ -270,7 +274,12 @@ class Engine:
         ``tree_mask`` bool ``[sum new, max new]``: row j says which new tokens of its own sequence
         token j may attend to (itself and its ancestors); positions follow the tree depth. The
         sequence's tokens are then stored in tree order: truncate back and re-feed the accepted
-        path before generating on. Not allowed with pending tokens."""
+        path before generating on. Not allowed with pending tokens.
+
+        If it raises (CacheFull, a kernel error, KeyboardInterrupt...), every sequence is left with
+        the tokens it had before the call (``new_tokens`` are not appended; pending tokens stay
+        pending), no KV position it did not compute, and ``logits`` None where they may be stale:
+        the call can be retried, or the sequences finished / released."""
         if len(seqs) != len(new_tokens):
             raise ValueError(f"Engine.forward: {len(seqs)} 'seqs' but {len(new_tokens)} 'new_tokens' lists")
         if not seqs:
@@ -294,31 +303,84 @@ class Engine:
                 raise ValueError(f"Engine.forward: 'tree_mask' must be a bool tensor of shape ({total}, {width}), "
                                  f"got {getattr(tree_mask, 'dtype', type(tree_mask).__name__)} "
                                  f"{tuple(getattr(tree_mask, 'shape', ()))}")
+        if tree_mask is not None:
+            self._check_tree_mask(tree_mask, [len(c) for c in checked])
         feeds, starts = [], []
-        for seq, new in zip(seqs, checked):
-            if seq.num_computed == len(seq.tokens) and not new and seq.logits is None:
-                # logits of a computed position are not kept: recompute the last token
-                last = seq.tokens[-1]
-                self.cache.truncate(seq.handle, seq.num_computed - 1)
-                seq.tokens.append(last)
-            seq.tokens.extend(new)
-            starts.append(seq.num_computed)
-            feeds.append(seq.tokens[seq.num_computed:])
-        lens = [len(f) for f in feeds]
-        live = [i for i, n in enumerate(lens) if n]
-        out_rows = [None] * len(seqs)
-        if live:
-            self._run([seqs[i] for i in live], [feeds[i] for i in live], [starts[i] for i in live],
-                      [len(checked[i]) for i in live], all_logits, tree_mask, out_rows, live)
+        before = [(len(seq.tokens), seq.tokens[-1]) for seq in seqs]  # to roll the token lists back
+        try:
+            for seq, new in zip(seqs, checked):
+                if seq.num_computed == len(seq.tokens) and not new and seq.logits is None:
+                    # logits of a computed position are not kept: recompute the last token
+                    last = seq.tokens[-1]
+                    self.cache.truncate(seq.handle, seq.num_computed - 1)
+                    seq.tokens.append(last)
+                seq.tokens.extend(new)
+                starts.append(seq.num_computed)
+                feeds.append(seq.tokens[seq.num_computed:])
+            lens = [len(f) for f in feeds]
+            live = [i for i, n in enumerate(lens) if n]
+            out_rows = [None] * len(seqs)
+            if live:
+                self._run([seqs[i] for i in live], [feeds[i] for i in live], [starts[i] for i in live],
+                          [len(checked[i]) for i in live], all_logits, tree_mask, out_rows, live)
+        except BaseException:
+            # _run already took back the positions it reserved; drop this call's new tokens (a
+            # retry must not append them twice), keep the pending ones
+            for seq, (n, last) in zip(seqs, before):
+                if seq.alive and not seq.handle.finished:
+                    del seq.tokens[n:]
+                    if len(seq.tokens) < n:  # interrupted between the truncate and the re-append
+                        seq.tokens.append(last)
+            raise
         if all_logits:
             return [out_rows[i] if out_rows[i] is not None else seqs[i].logits[None] for i in range(len(seqs))]
         return torch.stack([seqs[i].logits for i in range(len(seqs))])
 
+    @staticmethod
+    def _check_tree_mask(tree_mask: torch.Tensor, counts: list[int]) -> None:
+        """Positions come from row sums: every row must see itself and nothing past its own
+        sequence's new tokens, or the positions would be silently wrong."""
+        total = sum(counts)
+        if not total:
+            return
+        dev = tree_mask.device
+        n = torch.tensor(counts, device=dev)
+        own = torch.repeat_interleave(n, n)  # each row's sequence's new-token count
+        j = torch.cat([torch.arange(c, device=dev) for c in counts])  # each row's index in its sequence
+        outside = tree_mask & (torch.arange(tree_mask.shape[1], device=dev)[None, :] >= own[:, None])
+        if bool(outside.any()):
+            r, c = (int(x) for x in outside.nonzero()[0])
+            raise ValueError(f"Engine.forward: 'tree_mask'[{r}, {c}] is True but row {r}'s sequence has only "
+                             f"{int(own[r])} new tokens")
+        diag = tree_mask[torch.arange(total, device=dev), j]
+        if not bool(diag.all()):
+            r = int((~diag).nonzero()[0, 0])
+            raise ValueError(f"Engine.forward: 'tree_mask' row {r} does not see itself (column {int(j[r])})")
+
     def _run(self, seqs, feeds, starts, num_new, all_logits, tree_mask, out_rows, index):
+        lens = [len(f) for f in feeds]
+        slots = self.cache.reserve([s.handle for s in seqs], lens)  # CacheFull changes nothing
+        try:
+            self._run_reserved(seqs, feeds, starts, num_new, all_logits, tree_mask, out_rows, index, slots)
+        except BaseException:
+            # The reserved positions may hold no (or partial) K/V: give them back, so the sequences
+            # never claim unwritten K/V (finish would put it in the radix cache for later requests,
+            # and forward would take the old logits for the new ones). Their tokens stay pending
+            # and the logits unknown.
+            for seq, start in zip(seqs, starts):
+                seq.logits = None
+                h = seq.handle
+                if h.finished or h.length <= start:
+                    continue
+                pending = h.tokens[start:]
+                self.cache.truncate(h, start)  # start >= the locked prefix: only frees own pages
+                h.tokens.extend(pending)
+            raise
+
+    def _run_reserved(self, seqs, feeds, starts, num_new, all_logits, tree_mask, out_rows, index, slots):
         dev = self.device
         lens = [len(f) for f in feeds]
         T = sum(lens)
-        slots = self.cache.reserve([s.handle for s in seqs], lens)
         if not isinstance(slots, torch.Tensor):
             slots = torch.as_tensor(slots, dtype=torch.int64)
         slots = slots.to(dev)
@@ -458,22 +520,24 @@ class Engine:
         tokens = [self.encode(p) if isinstance(p, str) else self._check_tokens(f"prompts[{i}]", p)
                   for i, p in enumerate(prompts)]
         before = self.stats.copy()
-        roots = [self.start(t, compute=False) for t in tokens]
-        seqs, sp, gens = [], [], []
+        roots, seqs, sp, gens = [], [], [], []
+        ok = False
         try:
+            for t in tokens:
+                roots.append(self.start(t, compute=False))
             self.forward(roots, [[] for _ in roots])
             for root, p in zip(roots, plist):
-                group = [root] + [self.fork(root) for _ in range(n - 1)]
-                seqs += group
+                seqs.append(root)
+                for _ in range(n - 1):
+                    seqs.append(self.fork(root))  # registered as soon as it exists
                 sp += [p] * n
                 gens += self.generators(p, n)
             done = self.generate_from(seqs, sp, gens, progress=progress)
+            ok = True
         finally:
-            for s in seqs or roots:
+            # every live sequence ends: cached on success, released (nothing cached) on error
+            for s in roots + seqs:
                 if s.alive:
-                    self.finish(s)
-            for s in roots:
-                if s.alive:
-                    self.finish(s)
+                    self.finish(s) if ok else self.release(s)
         self.last_stats = self.stats - before
         return [done[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -170,7 +170,8 @@ def paged_attention_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if q.device.type == "cpu" and backend != "cpu":
         cu = cu_seqlens_q.long()
         q_lens = cu[1:] - cu[:-1]
-        if B and (int(cu[0]) != 0 or int(cu[-1]) != T or _host_any(q_lens < 0)):
+        # checked with no sequences too ([3] is rejected, as the cpu backend does)
+        if int(cu[0]) != 0 or int(cu[-1]) != T or _host_any(q_lens < 0):
             raise ValueError(f"{op}: 'cu_seqlens_q' must start at 0, never decrease and end at T = {T}, "
                              f"got {cu_seqlens_q.tolist()}")
         if B == 0 and T != 0:

@@ -1,7 +1,7 @@
 """The backends of the paged attention ops and the choice among them (arguments already checked by
 ptcore/ops/paged_attention.py; contiguous last dims).
 
-``torch``: ptcore/ops/paged_reference.py. ``cpu``: ``ptcore._C.paged_attention`` (pointers,
+``torch``: ptcore/ops/paged_reference.py. ``cpu``: ``ptcore._C.paged_attention`` (pointers, numels,
 sizes and strides in; it checks the data again). ``triton``: kernels/paged_attention.py.
 ``cuda``: flash-attn's paged kernels (``flash_attn_with_kvcache`` for decode,
 ``flash_attn_varlen_func`` with a block table for extend), which need fp16/bf16 CUDA tensors, a
@@ -84,8 +84,17 @@ def _cpu_call(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale
         block_table.data_ptr(), block_table.shape[0], block_table.shape[1], block_table.stride(0),
         seq_lens.data_ptr(), 0 if cu_seqlens_q is None else cu_seqlens_q.data_ptr(),
         0 if tree_mask is None else tree_mask.data_ptr(), 0 if tree_mask is None else tree_mask.shape[1],
-        scale, softcap, out.data_ptr())
+        scale, softcap, out.data_ptr(),
+        # each buffer's numel: the C++ side checks every offset it can reach against them
+        *(_storage_numel(t) for t in (q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, tree_mask, out)))
     return out
+
+
+def _storage_numel(t) -> int:
+    """Elements reachable from ``t.data_ptr()`` in its storage (0 for None)."""
+    if t is None:
+        return 0
+    return t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
 
 
 def decode_cpu(q, k_cache, v_cache, block_table, seq_lens, *, scale, softcap):

@@ -10,7 +10,8 @@
 //   softcap * tanh(s / softcap) when softcap > 0; a row that sees no key is written as zeros.
 //   out      [tokens, q_heads, head_dim] contiguous, q's dtype.
 // Every argument is checked (std::invalid_argument, which pybind11 raises as ValueError), the
-// data too: sequence lengths against the block table, page ids of the used pages, cu_seqlens_q.
+// data too: sequence lengths against the block table, page ids of the used pages, cu_seqlens_q,
+// and (given the numel of each buffer) the largest offset reachable through the sizes and strides.
 #pragma once
 
 #include <cstdint>
@@ -37,6 +38,11 @@ struct PagedAttentionArgs {
   int64_t mask_cols = 0;
   double scale = 1.0, softcap = 0.0;
   void* out = nullptr;
+  // Elements each buffer holds (its numel): every offset the kernel can reach is checked against
+  // them, so a wrong size or stride raises instead of reading out of bounds. -1: not given (C++
+  // callers that guarantee the extents themselves); the Python binding always passes them.
+  int64_t q_numel = -1, k_numel = -1, v_numel = -1, block_table_numel = -1, seq_lens_numel = -1,
+          cu_seqlens_q_numel = -1, tree_mask_numel = -1, out_numel = -1;
 };
 
 void paged_attention(const PagedAttentionArgs& args);
