@@ -110,3 +110,27 @@ def test_bad_input(engines):
         speculative_generate(target, NGramDrafter(), [[V + 3]])
     with pytest.raises(ValueError, match="'min_ngram'"):
         NGramDrafter(max_ngram=1, min_ngram=2)
+
+
+def test_a_failing_drafter_leaves_no_sequence_and_caches_nothing(engines):
+    """An error mid-decoding (here the drafter's) ends every sequence without putting its
+    never-verified tail into the radix cache."""
+    target = engines[0]
+
+    class Failing(NGramDrafter):
+        calls = 0
+
+        def propose(self, *args):
+            Failing.calls += 1
+            if Failing.calls == 3:
+                raise RuntimeError("drafter failed")
+            return super().propose(*args)
+
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6]
+    cached_before = target.cache.radix.cached_tokens
+    with pytest.raises(RuntimeError, match="drafter failed"):
+        speculative_generate(target, Failing(), [prompt, prompt[::-1]], num_draft_tokens=3,
+                             params=SamplingParams(max_new_tokens=20, temperature=0))
+    assert not target.cache.running
+    assert target.cache.radix.cached_tokens == cached_before
+    target.cache.check()

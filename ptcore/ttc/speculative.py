@@ -243,7 +243,7 @@ def speculative_generate(target_engine: Engine, drafter, prompts, *, num_draft_t
     stop = set(params.stop_token_ids) | set(eng.eos_token_ids)
     seqs, outs, logps, reasons = [], [[] for _ in range(B)], [[] for _ in range(B)], [None] * B
     head = [None] * B  # the last emitted token, not yet fed to the target
-    bar = None
+    bar, failed = None, False
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=B * params.max_new_tokens, desc="speculative decode", unit="tok", leave=False)
@@ -307,12 +307,15 @@ def speculative_generate(target_engine: Engine, drafter, prompts, *, num_draft_t
                 if reasons[i] is None:
                     nxt.append(i)
             active = nxt
+    except BaseException:
+        failed = True
+        raise
     finally:
         if bar is not None:
             bar.close()
         for i, s in enumerate(seqs):
-            if s.alive:
-                eng.finish(s)
+            if s.alive:  # a failed run caches nothing (release); a finished one keeps its KV for reuse
+                (eng.release if failed else eng.finish)(s)
             drafter.finish(i)
     stats.draft_forwards = getattr(drafter, "forwards", 0) - draft_forwards_before
     return SpeculativeResult([Completion(outs[i], logps[i], reasons[i], eng.decode(outs[i])) for i in range(B)], stats)
