@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -48,7 +48,8 @@ def _extensions():
 
 
 setup(
-    packages=["ptcore", "ptcore.ops", "ptcore.nn", "ptcore.kernels"],
+    # every subpackage of ptcore/ (a new one is installed without listing it), and kernels/ as ptcore.kernels
+    packages=["ptcore", *(f"ptcore.{p}" for p in find_packages("ptcore")), "ptcore.kernels"],
     package_dir={"ptcore": "ptcore", "ptcore.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": NinjaBuildExt},
