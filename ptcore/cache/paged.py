@@ -24,6 +24,19 @@ from ptcore.cache.pool import CacheFull, KVPool
 from ptcore.cache.radix import RadixCache, check_count, int64_array
 
 
+def default_radix(page_size: int):
+    """The C++ RadixCache; where ptcore._C cannot load, the Python model of the same semantics
+    (slow on large trees, but the engine still runs), with a warning that says why."""
+    try:
+        return RadixCache(page_size)
+    except RuntimeError as err:
+        import warnings
+        warnings.warn(f"{err}; using the Python RadixModel instead (same results, slower)", RuntimeWarning,
+                      stacklevel=3)
+        from ptcore.cache.radix_model import RadixModel
+        return RadixModel(page_size)
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -66,7 +79,7 @@ class PagedCache:
     def __init__(self, pool: KVPool, radix: RadixCache | None = None):
         if not isinstance(pool, KVPool):
             raise ValueError(f"PagedCache: pool must be a KVPool, got {type(pool).__name__}")
-        radix = RadixCache(pool.page_size) if radix is None else radix
+        radix = default_radix(pool.page_size) if radix is None else radix
         if radix.page_size != pool.page_size:
             raise ValueError(f"PagedCache: the radix cache's page_size ({radix.page_size}) differs from the "
                              f"pool's ({pool.page_size})")

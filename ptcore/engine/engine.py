@@ -139,11 +139,11 @@ class Engine:
         if eos is None:
             eos = getattr(self.hf_model.config, "eos_token_id", None)
         self.eos_token_ids = tuple(() if eos is None else ([eos] if isinstance(eos, int) else eos))
-        from ptcore.cache import KVPool, PagedCache, RadixCache
+        from ptcore.cache import KVPool, PagedCache
         num_pages = -(-max_cached_tokens // page_size)
         self.pool = KVPool(self.model.num_layers, num_pages, page_size, self.model.num_kv_heads,
                            self.model.head_dim, dtype=self.dtype, device=self.device)
-        self.cache = PagedCache(self.pool, RadixCache(page_size=page_size))
+        self.cache = PagedCache(self.pool)  # the C++ radix tree (its Python model where ptcore._C is missing)
         self.stats = EngineStats()
         self.last_stats = EngineStats()
         self._recordings: list[Recording] = []
