@@ -138,7 +138,7 @@ def cases_for(workload: str) -> list[str]:
 TITLES = {"best_of_n": "best-of-16 (64 new tokens each)",
           "beam_search": "beam search, 4 beams x 4 expansions, 8 steps of 16 tokens",
           "mcts": "MCTS, 64 simulations, 4 expansions, steps of 16 tokens"}
-SUITE_NAMES = {"best_of_n": "ttc_best_of_n", "beam_search": "ttc_beam", "mcts": "ttc_mcts"}
+SUITE_NAMES = {"best_of_n": "ttc_best_of_n", "beam_search": "ttc_beam_search", "mcts": "ttc_mcts"}
 NOTES = {"HF generate": "transformers generate(num_return_sequences=16): the prompt encoded 16 times",
          "re-encode": "the same search on Engine(prefix_caching=False): every node re-encodes its prefix"}
 
