@@ -7,11 +7,13 @@
 #      wheels in $WHEELS (default .whl/), made beforehand on a machine that can, e.g.
 #        pip download --no-deps -d .whl cut-cross-entropy liger-kernel     (both pure Python)
 #        pip download -d .whl transformers      (the HF patch, loops and engine; no torch inside)
+#        pip download --no-deps -d .whl trl accelerate datasets   (the TRL rows of the loop benchmarks)
 #      Without them the benchmark prints "skipped: <package> not installed" for those rows.
 #   2. python -m ptcore info          3. pytest -q tests -k "cuda or triton or gpu"
 #   4. the GPU kernels' benchmarks (CUDA defaults: N=8192 H=2048 V=131072 bf16 for the LM heads):
 #      linear_cross_entropy, linear_logprobs, linear_policy_loss (GRPO), linear_dpo_loss,
-#      paged_attention_decode/extend and speculative_verify, each table printed as soon as its
+#      paged_attention_decode/extend, speculative_verify, then loop_sft/dpo/grpo and
+#      ttc_best_of_n, each table printed as soon as its
 #      cases are done (so a run cut by the deadline still prints the tables it finished).
 # Exit status: 0 when every step passed, else 1 (later steps still run). Where $OUT is set (the
 # device tool's output folder), the benchmarks' JSON and PNG files are copied there.
@@ -63,8 +65,10 @@ step 120 "GPU tests" $PY -m pytest -q tests -k "cuda or triton or gpu"
 section "benchmark suite (CUDA defaults)"
 # --timeout: a hung case is reported as failed and the table still prints. About 25 cases, each a
 # fresh process (CUDA start-up dominates; Liger's and CCE's warm-ups compile).
+# Then the loops (throughput per FLOP: tokens/s x 6 x params over the measured GEMM rate) and the
+# engine's best-of-16, which need transformers (and trl for the TRL rows) from the wheels.
 for b in linear_cross_entropy linear_logprobs linear_policy_loss linear_dpo_loss paged_attention_decode \
-         paged_attention_extend speculative_verify; do
+         paged_attention_extend speculative_verify loop_sft loop_dpo loop_grpo ttc_best_of_n; do
   step 150 "benchmark $b" $PY -m bench --only "$b" --timeout 120
 done
 if [ -n "${OUT:-}" ]; then cp -r bench/results/. "$OUT"/ && echo "results copied to \$OUT"; fi
