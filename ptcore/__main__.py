@@ -1,6 +1,7 @@
 """The ``ptcore`` command: ``ptcore info`` prints versions and backends; ``ptcore bench`` runs the
 benchmark suite (bench/) on embedded default sizes; ``ptcore sft|dpo|grpo`` train (see
-ptcore/train/cli.py); ``ptcore demo`` runs the post-training scaling demo."""
+ptcore/train/cli.py); ``ptcore demo`` runs the post-training scaling demo; ``ptcore models`` lists and fetches the named
+models (ptcore/models)."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("grpo", "group relative policy optimization")):
         sub.add_parser(kind, help=f"{what}; `ptcore {kind} --help` for the options", add_help=False)
     sub.add_parser("demo", help="SFT, GRPO and test-time scaling end to end on the tiny model", add_help=False)
+    sub.add_parser("models", help="model names, what is cached, `ptcore models fetch NAME`", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         from ptcore.info import main as info_main
@@ -32,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("sft", "dpo", "grpo"):
         from ptcore.train.cli import main as train_main
         return train_main(args.command, rest)
+    if args.command == "models":
+        from ptcore.models.cli import main as models_main
+        return models_main(rest)
     if args.command == "demo":
         from ptcore.demo import main as demo_main
         return demo_main(rest) or 0

@@ -98,7 +98,9 @@ class Engine:
 
     Args:
         model: an HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` /
-            ``MistralForCausalLM`` (object), or a local directory holding one.
+            ``MistralForCausalLM`` (object), a local directory holding one, or a model name of
+            :mod:`ptcore.models` (``"smollm2-135m-instruct"``, ``"tiny"``), loaded in ``dtype``
+            (default float32) with its tokenizer.
         tokenizer: for text prompts, stop strings and ``Completion.text`` (loaded from the
             directory when ``model`` is a path and this is None).
         page_size: tokens per KV page.
@@ -121,6 +123,11 @@ class Engine:
             raise ValueError(f"Engine: 'page_size' must be an int >= 1, got {page_size!r}")
         if isinstance(max_cached_tokens, bool) or not isinstance(max_cached_tokens, int) or max_cached_tokens < page_size:
             raise ValueError(f"Engine: 'max_cached_tokens' must be an int >= page_size, got {max_cached_tokens!r}")
+        if isinstance(model, str) and not Path(model).is_dir():  # a model name (ptcore.models)
+            from ptcore import models
+            if model in models.NAMES:
+                model, named_tokenizer = models.load(model, dtype=dtype or torch.float32)
+                tokenizer = named_tokenizer if tokenizer is None else tokenizer
         if tokenizer is None and isinstance(model, (str, Path)) and Path(model).is_dir():
             try:
                 from transformers import AutoTokenizer

@@ -140,6 +140,11 @@ def chat_example(tokenizer, messages, where: str) -> tuple[list[int], list[int]]
     The assistant spans come from rendering prefixes of the conversation (``messages[:i]`` with
     the generation prompt, then ``messages[:i+1]``), which works with any chat template whose
     rendering of a prefix is a prefix of the rendering of the whole."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(f"{where}: chat data ('messages') needs a tokenizer with a chat template, and "
+                        f"the tokenizer of {name!r} has none: set tokenizer.chat_template, or give "
+                        "the data as prompt/completion records")
     render = lambda msgs, gen: list(tokenizer.apply_chat_template(msgs, add_generation_prompt=gen,
                                                                   tokenize=True, return_dict=False))
     ids = render(messages, False)

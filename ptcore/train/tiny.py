@@ -297,7 +297,8 @@ def tiny_config(**overrides) -> LlamaConfig:
 
 
 def load_model_and_tokenizer(name_or_path="tiny", *, dtype=None, seed: int = 0, **config_overrides):
-    """``"tiny"``: a fresh randomly initialized tiny Llama (seeded) and a CharTokenizer; a directory
+    """``"tiny"``: a fresh randomly initialized tiny Llama (seeded) and a CharTokenizer; a name of
+    :mod:`ptcore.models` (``"smollm2-135m-instruct"``): its cached checkpoint (fetched on first use); a directory
     with a ptcore tokenizer file: that model and its CharTokenizer; any other local path: a
     Hugging Face causal LM and its tokenizer (``AutoModelForCausalLM`` / ``AutoTokenizer``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -310,10 +311,13 @@ def load_model_and_tokenizer(name_or_path="tiny", *, dtype=None, seed: int = 0, 
         if dtype is not None:
             model = model.to(dtype)
     else:
+        from ptcore import models  # the other names: fetched once into the cache (ptcore.models)
+        if str(name_or_path) in models.REAL_MODELS and not Path(name_or_path).is_dir():
+            name_or_path = models.resolve(name_or_path)
         path = Path(name_or_path)
         if not path.is_dir():
-            raise FileNotFoundError(f"name_or_path: {name_or_path!r} is neither 'tiny' nor a local "
-                                    "model directory (downloads are not done here)")
+            raise FileNotFoundError(f"name_or_path: {name_or_path!r} is neither a known model name "
+                                    f"({', '.join(models.NAMES)}) nor a local model directory")
         if config_overrides:
             raise ValueError("config overrides apply only to the 'tiny' model")
         if (path / TOKENIZER_FILE).is_file():
