@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 MANIFEST = "manifest.json"
+VERIFIED = ".verified.json"  # (size, mtime) of files that last hashed correctly
 MANIFEST_VERSION = 1
 
 
@@ -107,18 +108,28 @@ def write_manifest(folder: Path, source: dict) -> dict:
     """Records the size and sha256 of every file in ``folder`` (written last, atomically)."""
     files = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.name not in (MANIFEST, VERIFIED) and not p.name.endswith(".tmp"):
             files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
     manifest = {"version": MANIFEST_VERSION, "source": source, "files": files}
+    (folder / VERIFIED).write_text(json.dumps(_stats(folder, files)))  # just hashed
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, folder / MANIFEST)
     return manifest
 
 
-def verify(folder, *, hashes: bool = True) -> str | None:
-    """None when ``folder`` holds every file of its manifest with the recorded size (and sha256
-    when ``hashes``); otherwise why not (missing folder, manifest or file, size, hash)."""
+def _stats(folder: Path, files) -> dict:
+    return {rel: [(folder / rel).stat().st_size, (folder / rel).stat().st_mtime_ns] for rel in files}
+
+
+def verify(folder, *, hashes="auto") -> str | None:
+    """None when ``folder`` holds every file of its manifest with the recorded size and sha256;
+    otherwise why not (missing folder, manifest or file, size, hash).
+
+    ``hashes``: True hashes every file; False checks sizes only; ``"auto"`` (the default) hashes
+    only files changed (size or modification time) since they last hashed correctly here, as
+    recorded in ``.verified.json`` -- a 538 MB checkpoint takes seconds to hash on a small CPU,
+    and every load would pay it."""
     folder = Path(folder)
     if not folder.is_dir():
         return f"{folder} does not exist"
@@ -138,10 +149,26 @@ def verify(folder, *, hashes: bool = True) -> str | None:
         size = p.stat().st_size
         if size != want.get("size"):
             return f"{p} has {size} bytes, the manifest says {want.get('size')}"
-    if hashes:  # after every size matched: the cheap checks first
-        for rel, want in files.items():
-            if _sha256(folder / rel) != want.get("sha256"):
-                return f"{folder / rel} does not match its sha256 in the manifest"
+    if not hashes:
+        return None
+    stats = _stats(folder, files)
+    seen = {}
+    if hashes == "auto":
+        try:
+            seen = json.loads((folder / VERIFIED).read_text())
+        except (OSError, ValueError):
+            seen = {}
+    for rel, want in files.items():  # after every size matched: the cheap checks first
+        if seen.get(rel) == stats[rel]:
+            continue
+        if _sha256(folder / rel) != want.get("sha256"):
+            return f"{folder / rel} does not match its sha256 in the manifest"
+    try:  # what hashed correctly, for the next "auto" check (best effort: the folder may be read-only)
+        tmp = folder / (VERIFIED + ".tmp")
+        tmp.write_text(json.dumps(stats))
+        os.replace(tmp, folder / VERIFIED)
+    except OSError:
+        pass
     return None
 
 
@@ -303,7 +330,7 @@ def _folder_bytes(folder: Path) -> int:
 # ---- load ----
 
 def load(name, *, dtype: torch.dtype | None = torch.float32, device=None, seed: int = 0,
-         fetch_missing: bool = True, verify_hashes: bool = True):
+         fetch_missing: bool = True, verify_hashes="auto"):
     """``(model, tokenizer)`` for a model name (:func:`names`) or a local model directory.
 
     Args:
@@ -312,8 +339,9 @@ def load(name, *, dtype: torch.dtype | None = torch.float32, device=None, seed: 
         dtype: the weights' dtype (None: as stored).
         device: where to put the model (default: the CPU).
         seed: the tiny model's initialization.
-        verify_hashes: check the cached files' sha256 against the manifest (about a second for
-            the 538 MB checkpoint); sizes are always checked.
+        verify_hashes: check the cached files' sha256 against the manifest: True always,
+            "auto" (default) for files changed since they last verified, False never (sizes are
+            always checked); see :func:`verify`.
     """
     from ptcore.train.tiny import load_model_and_tokenizer
 
