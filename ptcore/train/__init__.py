@@ -12,9 +12,9 @@ cosine, accumulation normalized by the optimizer step's global token count, clip
 checkpoints with exact resume, DDP / FSDP2 under ``torchrun``). The embedded tiny model and the
 synthetic tasks live in :mod:`ptcore.train.tiny` and :mod:`ptcore.train.tasks`.
 """
-from ptcore.train.config import TrainConfig, TrainResult
+from ptcore.train.config import TrainConfig, TrainingError, TrainResult
 
-__all__ = ["TrainConfig", "TrainResult", "run_dpo", "run_grpo", "run_sft"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "run_dpo", "run_grpo", "run_sft"]
 
 
 def __getattr__(name):

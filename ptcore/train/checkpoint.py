@@ -75,11 +75,15 @@ def save(output_dir, step: int, *, model, optimizer, trainer_state: dict, ctx, k
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ctx.barrier()
-    torch.save(rng_state(), tmp / f"rng-rank{ctx.rank}.pt")
-    if ctx.is_main:
-        torch.save(model_sd, tmp / "model.pt")
-        torch.save(optim_sd, tmp / "optimizer.pt")
-        torch.save({**trainer_state, "world_size": ctx.world_size}, tmp / "trainer.pt")  # last
+    try:
+        torch.save(rng_state(), tmp / f"rng-rank{ctx.rank}.pt")
+        if ctx.is_main:
+            torch.save(model_sd, tmp / "model.pt")
+            torch.save(optim_sd, tmp / "optimizer.pt")
+            torch.save({**trainer_state, "world_size": ctx.world_size}, tmp / "trainer.pt")  # last
+    except BaseException:  # a failed save (disk full, interrupt) leaves no half-written directory
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     ctx.barrier()
     if ctx.is_main:
         if final.exists():  # a re-save of the same step (a resumed run): replace it whole

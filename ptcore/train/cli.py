@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,9 @@ def add_common(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="model weights dtype (default: as loaded)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun")
+    p.add_argument("--max-consecutive-skips", type=int, default=3,
+                   help="stop after this many steps in a row with a non-finite loss or gradient "
+                        "norm (each is skipped: no update) (default 3)")
 
 
 def make_parser(kind: str) -> argparse.ArgumentParser:
@@ -94,15 +98,14 @@ def _config(args) -> TrainConfig:
                        max_grad_norm=args.max_grad_norm or None, max_length=args.max_length,
                        overflow=args.overflow, seed=args.seed, log_every=args.log_every,
                        save_every=args.save_every, resume=args.resume, progress=not args.no_progress,
-                       strategy=args.strategy)
+                       strategy=args.strategy, max_consecutive_skips=args.max_consecutive_skips)
 
 
 def _data(args, kind: str) -> str:
     if args.data:
         return args.data
     if not args.task:
-        raise SystemExit(f"ptcore {kind}: give --data FILE.jsonl, or --task addition|countdown to "
-                         "generate synthetic data")
+        raise CLIError("give --data FILE.jsonl, or --task addition|countdown to generate synthetic data")
     from ptcore.train.tasks import write_jsonl
     path = Path(args.output) / f"{args.task}-{kind}-n{args.num_examples}-seed{args.seed}.jsonl"
     if _rank() == 0:
@@ -112,7 +115,7 @@ def _data(args, kind: str) -> str:
         deadline = time.monotonic() + 600
         while not path.is_file():
             if time.monotonic() > deadline:
-                raise SystemExit(f"ptcore {kind}: rank {_rank()} waited 10 minutes for {path}")
+                raise CLIError(f"rank {_rank()} waited 10 minutes for {path}")
             time.sleep(0.2)
     return str(path)
 
@@ -129,12 +132,68 @@ def _load(name, args):
     return model.to(device), tok
 
 
+class CLIError(ValueError):
+    """A usage error of ``ptcore sft|dpo|grpo`` (printed, exit status 2)."""
+
+
+# Option names of the Python API whose flag is spelled differently.
+_FLAG_OF = {"output_dir": "--output", "epsilon_low": "--epsilon", "ref_model": "--ref-model"}
+_PREFIX = re.compile(r"^(TrainConfig|run_sft|run_dpo|run_grpo|dpo_loss|policy_loss|load_records): ")
+
+
+def error_message(parser: argparse.ArgumentParser, e: BaseException) -> str:
+    """One paragraph for an error: the API's argument names become the flags that set them
+    ('lr' -> --lr), file:line locations are kept as they are."""
+    flags = dict(_FLAG_OF)
+    flags.update({a.dest: a.option_strings[-1] for a in parser._actions
+                  if a.option_strings and a.dest not in flags})
+    from ptcore.train.data import DataError
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, DataError):  # names a file and line (or a record); its quotes are keys
+        return msg
+    msg = _PREFIX.sub("", msg)
+    return re.sub(r"'([a-z_]+)'", lambda m: flags.get(m.group(1), m.group(0)), msg)
+
+
 def main(kind: str, argv: list[str]) -> int:
-    args = make_parser(kind).parse_args(list(argv))
+    """Runs ``ptcore <kind>``; a bad option, a data error, an unusable output directory or a
+    diverged run prints one paragraph naming the flag (or file:line) and returns 2, with no
+    traceback (``PTCORE_TRACEBACK=1`` shows it)."""
+    parser = make_parser(kind)
+    args = parser.parse_args(list(argv))
+    from ptcore.train.config import TrainingError
     try:
-        config = _config(args)
-    except ValueError as e:
-        raise SystemExit(f"ptcore {kind}: {e}") from None
+        return _main(kind, args)
+    except (ValueError, TypeError, OSError, TrainingError) as e:
+        if os.environ.get("PTCORE_TRACEBACK") == "1":
+            raise
+        print(f"ptcore {kind}: error: {error_message(parser, e)}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _check_options(kind: str, args) -> None:
+    """The objective's options, checked before any data is written or model loaded."""
+    if kind == "dpo":
+        from ptcore.train.dpo import check_options
+        check_options(loss_type=args.loss_type, beta=args.beta, label_smoothing=args.label_smoothing,
+                      gamma=args.gamma)
+    elif kind == "grpo":
+        from ptcore.train.grpo import check_options
+        check_options(group_size=args.group_size, temperature=args.temperature,
+                      max_new_tokens=args.max_new_tokens, num_iterations=args.num_iterations,
+                      kl_coef=args.kl_coef, loss_type=args.loss_type, epsilon_low=args.epsilon,
+                      epsilon_high=args.epsilon_high)
+    if args.data:
+        from ptcore.train import data as D
+        records = D.load_records(args.data, kind)  # a bad file fails here, before any model loads
+        if kind == "grpo":
+            from ptcore.train.grpo import require_answers
+            require_answers(records)  # the CLI's reward is the built-in answer reward
+
+
+def _main(kind: str, args) -> int:
+    config = _config(args)
+    _check_options(kind, args)
     data = _data(args, kind)
     model, tok = _load(args.model, args)
     if kind == "sft":

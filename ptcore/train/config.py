@@ -2,8 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Optional
+
+from ptcore.ops import checks
+
+MAX_LR = 1.0
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. diverged: too many non-finite steps in a row); says why."""
 
 
 @dataclass
@@ -33,6 +42,13 @@ class TrainConfig:
         bf16: autocast to bfloat16 on a GPU (never on the CPU); None = on when the model is on CUDA.
         strategy: under ``torchrun``: ``"ddp"`` or ``"fsdp"`` (FSDP2 ``fully_shard``).
         save_final: save the trained model (and tokenizer) to ``output_dir/final``.
+        max_consecutive_skips: a step whose loss or gradient norm is not finite is skipped (no
+            update; counted in ``metrics.jsonl`` as ``skipped``); this many skips in a row stop
+            the run with :class:`TrainingError` (default 3). A model with a non-finite weight is
+            never saved (neither a checkpoint nor ``final/``).
+
+    Every option is checked here, before any work: a bad one raises ``ValueError`` naming it
+    (non-finite numbers included: ``lr=inf`` or ``weight_decay=nan`` would train on NaN).
     """
     output_dir: str = "ptcore-run"
     max_steps: int = 100
@@ -54,9 +70,11 @@ class TrainConfig:
     bf16: Optional[bool] = None
     strategy: str = "ddp"
     save_final: bool = True
+    max_consecutive_skips: int = 3
 
     def __post_init__(self):
-        ints = dict(max_steps=1, batch_size=1, grad_accum=1, max_length=2, log_every=1)
+        ints = dict(max_steps=1, batch_size=1, grad_accum=1, max_length=2, log_every=1,
+                    max_consecutive_skips=1)
         for name, low in ints.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -65,13 +83,24 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainConfig: '{name}' must be an int >= 0, got {value!r}")
-        if not (self.lr > 0):
-            raise ValueError(f"TrainConfig: 'lr' must be > 0, got {self.lr!r}")
-        if self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("TrainConfig: 'weight_decay' must be >= 0 and 'min_lr_ratio' in [0, 1], "
-                             f"got {self.weight_decay!r}, {self.min_lr_ratio!r}")
-        if self.max_grad_norm is not None and self.max_grad_norm < 0:
-            raise ValueError(f"TrainConfig: 'max_grad_norm' must be >= 0, got {self.max_grad_norm!r}")
+        if self.seed >= 2**64:
+            raise ValueError(f"TrainConfig: 'seed' must be < 2**64, got {self.seed!r}")
+        op = "TrainConfig"
+        # AdamW moves each weight by about lr a step: lr > 1 (or inf, nan) only makes NaN.
+        self.lr = checks.number(op, "lr", self.lr, low=0, low_open=True, high=MAX_LR)
+        self.weight_decay = checks.number(op, "weight_decay", self.weight_decay, low=0)
+        if self.lr * self.weight_decay > 1:
+            raise ValueError(f"TrainConfig: 'weight_decay' times 'lr' must be <= 1 (AdamW scales each "
+                             f"weight by 1 - lr * weight_decay a step), got {self.weight_decay!r} "
+                             f"with lr {self.lr!r}")
+        self.min_lr_ratio = checks.number(op, "min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        if self.max_grad_norm is not None:
+            self.max_grad_norm = checks.number(op, "max_grad_norm", self.max_grad_norm, low=0)
+        if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
+            raise ValueError(f"TrainConfig: 'output_dir' must be a directory path, got {self.output_dir!r}")
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise ValueError(f"TrainConfig: 'output_dir' {str(self.output_dir)!r} exists and is not a "
+                             "directory")
         if self.overflow not in ("truncate", "skip"):
             raise ValueError(f"TrainConfig: 'overflow' must be 'truncate' or 'skip', got {self.overflow!r}")
         if self.strategy not in ("ddp", "fsdp"):

@@ -7,7 +7,8 @@ One JSON object per line (blank lines are skipped):
 * DPO: ``{"prompt": str, "chosen": str, "rejected": str}``;
 * GRPO: ``{"prompt": str, "answer": str}`` (other keys are passed to custom reward functions).
 
-A malformed line raises ``DataError`` naming the file and the line number; an empty file raises
+A malformed line raises ``DataError`` naming the file and the line number (so do a line that is
+not UTF-8, JSON nested too deeply, and a text the tokenizer cannot encode); an empty file raises
 too. Examples longer than ``max_length`` tokens are truncated (completion side) or skipped, and the
 count is always printed.
 """
@@ -38,14 +39,21 @@ def read_jsonl(path: Union[str, Path]) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
+                                f"{e.start + 1} of the line); the data must be UTF-8 jsonl") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{number}: the JSON is nested too deeply to read") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
             obj["__line__"] = number
@@ -121,6 +129,17 @@ def _ids(tokenizer, text: str, *, special: bool) -> list[int]:
     return list(out)
 
 
+def _tokenized(where: str, fn, *args):
+    """``fn(*args)``; a text the tokenizer cannot encode (e.g. a character outside its
+    vocabulary) raises DataError naming the record's file and line."""
+    try:
+        return fn(*args)
+    except DataError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{where}: cannot tokenize this record: {e}") from None
+
+
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """A prompt as the model sees it: with the tokenizer's leading special tokens (bos)."""
     return _ids(tokenizer, prompt, special=True)
@@ -181,10 +200,12 @@ def sft_examples(records, tokenizer, max_length: int, overflow: str = "truncate"
     """(ids, loss mask) per SFT record; the mask is 1 on completion / assistant tokens."""
     out, counts = [], Overflow()
     for rec in records:
+        where = rec.get("__where__", "data")
         if "messages" in rec:
-            ids, mask = chat_example(tokenizer, rec["messages"], rec.get("__where__", "data"))
+            ids, mask = _tokenized(where, chat_example, tokenizer, rec["messages"], where)
         else:
-            p, c = prompt_ids(tokenizer, rec["prompt"]), completion_ids(tokenizer, rec["completion"])
+            p = _tokenized(where, prompt_ids, tokenizer, rec["prompt"])
+            c = _tokenized(where, completion_ids, tokenizer, rec["completion"])
             ids, mask = p + c, [0] * len(p) + [1] * len(c)
         if len(ids) > max_length:
             if overflow == "skip":
@@ -210,8 +231,10 @@ def pair_examples(records, tokenizer, max_length: int, overflow: str = "truncate
     skipped); ``index`` is the record's position (the key of the cached reference log-probs)."""
     out, counts = [], Overflow()
     for i, rec in enumerate(records):
-        p = prompt_ids(tokenizer, rec["prompt"])
-        c, r = completion_ids(tokenizer, rec["chosen"]), completion_ids(tokenizer, rec["rejected"])
+        where = rec.get("__where__", f"data[{i}]")
+        p = _tokenized(where, prompt_ids, tokenizer, rec["prompt"])
+        c = _tokenized(where, completion_ids, tokenizer, rec["chosen"])
+        r = _tokenized(where, completion_ids, tokenizer, rec["rejected"])
         if len(p) + max(len(c), len(r)) > max_length:
             room = max_length - len(p)
             if overflow == "skip" or room < 1:
@@ -233,7 +256,7 @@ def prompt_examples(records, tokenizer, max_prompt_length: int, overflow: str = 
     prompt is what the completion continues) and the record itself (for the rewards)."""
     out, counts = [], Overflow()
     for rec in records:
-        ids = prompt_ids(tokenizer, rec["prompt"])
+        ids = _tokenized(rec.get("__where__", "data"), prompt_ids, tokenizer, rec["prompt"])
         if len(ids) > max_prompt_length:
             if overflow == "skip":
                 counts.skipped += 1

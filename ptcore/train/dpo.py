@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ptcore.ops import linear_dpo_loss, linear_logprobs
+from ptcore.ops import dpo_loss, linear_dpo_loss, linear_logprobs
 from ptcore.ops.preference import REFERENCE_FREE
 from ptcore.train import data as D
 from ptcore.train.config import TrainConfig, TrainResult
@@ -105,9 +105,12 @@ class DPOObjective(BaseObjective):
             self.ref_forward_tokens += int(batch["attention_mask"].sum())
         ref.train(was_training)
         if self.ctx.is_main:
-            tmp = path.with_suffix(".pt.tmp")
-            torch.save({"key": key, "ref_logps": out}, tmp)
-            os.replace(tmp, path)
+            tmp = path.with_suffix(f".pt.{os.getpid()}.tmp")
+            try:
+                torch.save({"key": key, "ref_logps": out}, tmp)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
         return out
 
     def micro_batches(self, step, model):
@@ -150,13 +153,29 @@ class DPOObjective(BaseObjective):
         return 0.0
 
 
+def check_options(*, loss_type="sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
+                  gamma: float = 0.5, orpo_lambda: float = 1.0, loss_weights=None) -> None:
+    """Raises ValueError / TypeError naming a bad DPO option, before any work (the reference
+    pass, the data): the loss itself checks them on a one-pair dummy batch."""
+    z = torch.zeros(1, dtype=torch.float64)
+    one = torch.ones(1, dtype=torch.float64)
+    try:
+        dpo_loss(z - 1, z - 1, z - 1, z - 1, beta=beta, loss_type=loss_type,
+                 label_smoothing=label_smoothing, chosen_lengths=one, rejected_lengths=one,
+                 gamma=gamma, orpo_lambda=orpo_lambda, loss_weights=loss_weights)
+    except (ValueError, TypeError) as e:
+        raise type(e)(str(e).replace("dpo_loss:", "run_dpo:", 1)) from None
+
+
 def run_dpo(model, ref_model, tokenizer, data, config: TrainConfig, *, loss_type="sigmoid",
             beta: float = 0.1, label_smoothing: float = 0.0, gamma: float = 0.5,
             orpo_lambda: float = 1.0, loss_weights=None) -> TrainResult:
     """DPO-family training of ``model`` on ``data`` (jsonl path or list of dicts with ``prompt``,
     ``chosen``, ``rejected``). ``ref_model`` None: the reference is ``model`` before training.
     ``loss_type``: any of :data:`ptcore.ops.preference.LOSS_TYPES` or a list (with
-    ``loss_weights``); simpo and orpo need no reference."""
+    ``loss_weights``); simpo and orpo need no reference. Every option is checked first."""
+    check_options(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
+                  orpo_lambda=orpo_lambda, loss_weights=loss_weights)
     records = D.load_records(data, "dpo")
     pairs = D.pair_examples(records, tokenizer, config.max_length, config.overflow)
     objective = DPOObjective(pairs, tokenizer, config, ref_model=ref_model, loss_type=loss_type, beta=beta,

@@ -49,6 +49,44 @@ def completion_mask(completions: torch.Tensor, eos_id, pad_id) -> torch.Tensor:
     return (~after).long()
 
 
+def _int(op, name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{op}: '{name}' must be an int >= {low}, got {value!r}")
+    return value
+
+
+def check_options(*, reward_fns=(answer_reward,), reward_weights=None, group_size=8, temperature=1.0,
+                  max_new_tokens=64, num_iterations=1, kl_coef=0.0, loss_type="dapo",
+                  epsilon_low=0.2, epsilon_high=None, estimator="grpo", scale_rewards="group",
+                  kl_estimator="k3"):
+    """Raises ValueError / TypeError naming a bad GRPO option (by run_grpo's names: ``kl_coef``,
+    not the loss's ``beta``), before any work. Returns (reward functions, their weights)."""
+    from ptcore.ops import checks
+    from ptcore.ops.advantages import ESTIMATORS, SCALES
+    from ptcore.ops.policy import KL_ESTIMATORS
+    op = "run_grpo"
+    _int(op, "group_size", group_size, 2)  # group statistics need two completions
+    _int(op, "max_new_tokens", max_new_tokens, 1)
+    _int(op, "num_iterations", num_iterations, 1)
+    checks.number(op, "temperature", temperature, low=0, low_open=True)
+    checks.number(op, "kl_coef", kl_coef, low=0)
+    checks.number(op, "epsilon_low", epsilon_low, low=0, high=1)
+    if epsilon_high is not None:
+        checks.number(op, "epsilon_high", epsilon_high, low=0)
+    checks.choice(op, "loss_type", loss_type, tuple(AGGREGATION))
+    checks.choice(op, "estimator", estimator, ESTIMATORS)
+    checks.choice(op, "scale_rewards", scale_rewards, SCALES)
+    checks.choice(op, "kl_estimator", kl_estimator, KL_ESTIMATORS)
+    fns = list(reward_fns) if isinstance(reward_fns, (list, tuple)) else [reward_fns]
+    if not fns or not all(callable(f) for f in fns):
+        raise ValueError(f"{op}: 'reward_fns' must be a callable or a non-empty list of callables")
+    weights = list(reward_weights) if reward_weights is not None else [1.0] * len(fns)
+    if len(weights) != len(fns):
+        raise ValueError(f"{op}: 'reward_weights' needs one weight per reward function")
+    weights = [checks.number(op, "reward_weights", w) for w in weights]
+    return fns, weights
+
+
 class GRPOObjective(BaseObjective):
     name = "grpo"
 
@@ -58,20 +96,13 @@ class GRPOObjective(BaseObjective):
                  epsilon_low: float = 0.2, epsilon_high=None, estimator: str = "grpo",
                  scale_rewards: str = "group", kl_estimator: str = "k3"):
         super().__init__(prompts, config)
-        if group_size < 2:
-            raise ValueError(f"run_grpo: 'group_size' must be >= 2 (group statistics), got {group_size}")
-        if num_iterations < 1 or max_new_tokens < 1 or not temperature > 0:
-            raise ValueError("run_grpo: 'num_iterations' and 'max_new_tokens' must be >= 1 and "
-                             f"'temperature' > 0, got {num_iterations}, {max_new_tokens}, {temperature}")
-        if loss_type not in AGGREGATION:
-            raise ValueError(f"run_grpo: 'loss_type' must be one of {tuple(AGGREGATION)}, got {loss_type!r}")
-        fns = list(reward_fns) if isinstance(reward_fns, (list, tuple)) else [reward_fns]
-        if not fns or not all(callable(f) for f in fns):
-            raise ValueError("run_grpo: 'reward_fns' must be a callable or a non-empty list of callables")
+        fns, weights = check_options(
+            reward_fns=reward_fns, reward_weights=reward_weights, group_size=group_size,
+            temperature=temperature, max_new_tokens=max_new_tokens, num_iterations=num_iterations,
+            kl_coef=kl_coef, loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+            estimator=estimator, scale_rewards=scale_rewards, kl_estimator=kl_estimator)
         self.reward_fns = fns
-        self.reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(fns)
-        if len(self.reward_weights) != len(fns):
-            raise ValueError("run_grpo: 'reward_weights' needs one weight per reward function")
+        self.reward_weights = weights
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
@@ -258,6 +289,15 @@ class GRPOObjective(BaseObjective):
         self.rollout = None if state.get("rollout") is None else [self.to_device(b) for b in state["rollout"]]
 
 
+def require_answers(records) -> None:
+    """DataError (file and line) for a record without ``answer``: the built-in answer reward needs
+    it, and finding out at the first rollout would be too late."""
+    for rec in records:
+        if rec.get("answer") is None:
+            raise D.DataError(f"{rec.get('__where__', 'data')}: missing key 'answer' (the built-in "
+                              "answer reward compares completions with it)")
+
+
 def run_grpo(model, tokenizer, data, config: TrainConfig, *, reward_fns=(answer_reward,),
              reward_weights=None, group_size: int = 8, temperature: float = 1.0,
              max_new_tokens: int = 64, num_iterations: int = 1, kl_coef: float = 0.0,
@@ -268,8 +308,17 @@ def run_grpo(model, tokenizer, data, config: TrainConfig, *, reward_fns=(answer_
     ``answer``). ``config.batch_size`` counts prompts; each gets ``group_size`` completions.
     ``loss_type`` is any of :func:`ptcore.ops.policy_loss`'s (default dapo: token-mean over the
     whole optimizer step); ``kl_coef > 0`` adds the KL to ``ref_model`` (default: a frozen copy of
-    the initial model)."""
+    the initial model). Every option is checked first; with the built-in :func:`answer_reward`,
+    a record without ``answer`` is a DataError at load time (file and line)."""
+    check_options(reward_fns=reward_fns, reward_weights=reward_weights, group_size=group_size,
+                  temperature=temperature, max_new_tokens=max_new_tokens,
+                  num_iterations=num_iterations, kl_coef=kl_coef, loss_type=loss_type,
+                  epsilon_low=epsilon_low, epsilon_high=epsilon_high, estimator=estimator,
+                  scale_rewards=scale_rewards)
     records = D.load_records(data, "grpo")
+    fns = list(reward_fns) if isinstance(reward_fns, (list, tuple)) else [reward_fns]
+    if answer_reward in fns:
+        require_answers(records)
     limit = max_prompt_length or max(1, config.max_length - max_new_tokens)
     prompts = D.prompt_examples(records, tokenizer, limit, config.overflow)
     objective = GRPOObjective(prompts, tokenizer, config, reward_fns=reward_fns, reward_weights=reward_weights,

@@ -3,19 +3,27 @@
 Per optimizer step: the objective hands this rank its micro-batches of the step's global batch;
 their normalization units (tokens, sequences or pairs, as the objective's loss aggregates) are
 summed over micro-batches and ranks first, and every micro-batch loss is divided by that global
-count, so the step's gradient is that of the whole global batch however it is split (losses.md
-section 2, the largest family of trainer bugs). Then clipping, AdamW, the warmup + cosine schedule,
+count, so the step's gradient is that of the whole global batch however it is split (docs/losses.md
+§2, the largest family of trainer bugs). Then clipping, AdamW, the warmup + cosine schedule,
 one metrics line (``metrics.jsonl``), and now and then an atomic checkpoint from which a killed run
 resumes the same loss curve: the data order is a pure function of (seed, position), and the
 checkpoint holds the RNG states.
+
+Guards: a step whose loss or gradient norm is not finite (summed over ranks, so every rank
+agrees) makes no update; it is counted (``skipped`` in its metrics line, ``skipped_steps`` in
+all) and printed, and ``config.max_consecutive_skips`` of them in a row stop the run with
+:class:`TrainingError`. A model with a non-finite weight is never written (no checkpoint, no
+``final/``: the last good checkpoint stays), and ``final/`` appears whole or not at all.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -23,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from ptcore.train import checkpoint
-from ptcore.train.config import TrainConfig, TrainResult
+from ptcore.train.config import TrainConfig, TrainingError, TrainResult
 from ptcore.train.distributed import DistContext, context, no_sync, unwrap, wrap
 
 # Fields that measure the machine rather than the math: everything else in a metrics line is
@@ -81,7 +89,7 @@ class Shuffler:
         if not self.shuffle:
             return i
         if epoch not in self._cache:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
             self._cache = {epoch: torch.randperm(self.n, generator=g).tolist()}
         return self._cache[epoch][i]
 
@@ -89,6 +97,7 @@ class Shuffler:
 def seed_everything(seed: int) -> None:
     import random
     random.seed(seed)
+    seed %= 2**64  # torch takes seeds below 2**64
     torch.manual_seed(seed)  # all devices
     try:
         import numpy as np
@@ -114,9 +123,12 @@ def _truncate_metrics(path: Path, last_step: int) -> list[dict]:
                 rec = json.loads(line)
                 if rec["step"] <= last_step:
                     kept.append(rec)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    tmp = path.with_suffix(f".jsonl.{os.getpid()}.tmp")
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return kept
 
 
@@ -199,12 +211,12 @@ def _train(model, objective, config, tokenizer, ctx) -> TrainResult:
     bar = tqdm(total=config.max_steps, initial=start, desc=f"ptcore {objective.name}", unit="step",
                disable=not (config.progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
     metrics_file = open(_metrics_path(config), "a") if ctx.is_main else None
-    last_saved = start
+    last_saved, consecutive, skipped_steps = start, 0, (state.get("skipped_steps", 0) if ckpt else 0)
     try:
         for step in range(start, config.max_steps):
             t0 = time.perf_counter()
             out_step = train_step(wrapped, objective, optimizer, scheduler, step, ctx, config, params, clip, device)
-            global_tokens, global_units, grad_norm, lr, reduced, keys = out_step
+            global_tokens, global_units, grad_norm, lr, reduced, keys, skipped = out_step
             flops += 6.0 * n_params * global_tokens + reduced[1]
             dt = time.perf_counter() - t0
             elapsed += dt
@@ -213,6 +225,9 @@ def _train(model, objective, config, tokenizer, ctx) -> TrainResult:
                    "tokens_per_s": global_tokens / dt if dt > 0 else 0.0, "step_time_s": dt,
                    "elapsed_s": elapsed, "flops": flops}
             rec.update({k: v for k, v in zip(keys, reduced[2:])})
+            consecutive = consecutive + 1 if skipped else 0
+            skipped_steps += int(skipped)
+            rec["skipped"], rec["skipped_steps"] = int(skipped), skipped_steps
             history.append(rec)
             if metrics_file is not None:
                 metrics_file.write(json.dumps(rec) + "\n")
@@ -221,13 +236,26 @@ def _train(model, objective, config, tokenizer, ctx) -> TrainResult:
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
             if ctx.is_main and not config.progress and (step + 1) % config.log_every == 0:
                 print(_summary(rec), file=sys.stderr, flush=True)
+            if skipped:
+                if ctx.is_main:
+                    print(f"ptcore {objective.name}: step {step + 1} skipped (no update): loss "
+                          f"{rec['loss']:.4g}, grad norm {grad_norm:.4g}; {consecutive} in a row "
+                          f"(the run stops at {config.max_consecutive_skips})", file=sys.stderr, flush=True)
+                if consecutive >= config.max_consecutive_skips:
+                    good = checkpoint.latest(out)
+                    raise TrainingError(
+                        f"ptcore {objective.name}: {consecutive} consecutive steps (up to step {step + 1}) "
+                        "had a non-finite loss or gradient norm; stopping (the model diverged or the data "
+                        "holds something the model cannot score: lower the learning rate, check the "
+                        "data). Nothing was saved after the last good checkpoint"
+                        + (f" ({good})" if good is not None else " (there is none)") + ".")
             if config.save_every and (step + 1) % config.save_every == 0:
                 _save(out, step + 1, wrapped if ctx.enabled else model, optimizer, scheduler,
-                      objective, elapsed, flops, ctx, config)
+                      objective, elapsed, flops, ctx, config, skipped_steps=skipped_steps)
                 last_saved = step + 1
         if config.save_every and last_saved != config.max_steps and start < config.max_steps:
             _save(out, config.max_steps, wrapped if ctx.enabled else model, optimizer, scheduler,
-                  objective, elapsed, flops, ctx, config)
+                  objective, elapsed, flops, ctx, config, skipped_steps=skipped_steps)
     finally:
         bar.close()
         if metrics_file is not None:
@@ -235,6 +263,7 @@ def _train(model, objective, config, tokenizer, ctx) -> TrainResult:
 
     final_dir = None
     if config.save_final:
+        _check_finite(wrapped, ctx, f"final/ at step {config.max_steps}", out)
         final_dir = save_final(wrapped, tokenizer, out / "final", ctx)
     return TrainResult(metrics=history, step=config.max_steps, final_dir=final_dir, model=unwrap(wrapped))
 
@@ -259,16 +288,21 @@ def train_step(wrapped, objective, optimizer, scheduler, step, ctx, config, para
         weight = objective.units(mb) / max(global_units, 1.0)
         for k, v in mb_metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) * weight
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    optimizer.step()
-    lr = scheduler.get_last_lr()[0]
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))  # global under DDP / FSDP2
     keys = sorted(sums)
     extra = objective.step_flops() if hasattr(objective, "step_flops") else 0.0
     reduced = ctx.all_reduce_sum(torch.tensor([loss_sum, extra] + [sums[k] for k in keys],
                                               dtype=torch.float64)).tolist()
-    return global_tokens, global_units, float(grad_norm), lr, reduced, keys
+    # The same decision on every rank: the reduced loss and the global norm are the same there.
+    skipped = not (math.isfinite(reduced[0]) and math.isfinite(grad_norm))
+    if not skipped:
+        optimizer.step()
+    lr = scheduler.get_last_lr()[0]
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()  # a skipped step still advances the schedule: lr stays a function of the step
+    optimizer.zero_grad(set_to_none=True)
+    return global_tokens, global_units, grad_norm, lr, reduced, keys, skipped
 
 
 def _summary(rec: dict) -> str:
@@ -276,9 +310,28 @@ def _summary(rec: dict) -> str:
     return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in show.items())
 
 
-def _save(out, step, model, optimizer, scheduler, objective, elapsed, flops, ctx, config):
+def _check_finite(model, ctx, what: str, out) -> None:
+    """Raises TrainingError when a weight of ``model`` is not finite (on any rank): such a model
+    is never written."""
+    bad = 0.0
+    with torch.no_grad():
+        for p in model.parameters():
+            t = p.to_local() if hasattr(p, "to_local") else p  # FSDP2: this rank's shard
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                bad = 1.0
+                break
+    if ctx.all_reduce_sum(torch.tensor([bad], dtype=torch.float64)).item() > 0:
+        good = checkpoint.latest(out)
+        raise TrainingError(f"ptcore: the model has non-finite weights; not saving {what} (the last "
+                            "good checkpoint stays: " + (str(good) if good is not None else "none") + ")")
+
+
+def _save(out, step, model, optimizer, scheduler, objective, elapsed, flops, ctx, config, *,
+          skipped_steps: int = 0):
+    _check_finite(model, ctx, f"the checkpoint of step {step}", out)
     state = {"step": step, "scheduler": scheduler.state_dict(), "objective": objective.state_dict(),
-             "elapsed_s": elapsed, "flops": flops, "config": config.to_dict()}
+             "elapsed_s": elapsed, "flops": flops, "config": config.to_dict(),
+             "skipped_steps": skipped_steps}
     checkpoint.save(out, step, model=model, optimizer=optimizer, trainer_state=state, ctx=ctx,
                     keep=config.keep_checkpoints)
 
@@ -291,9 +344,22 @@ def save_final(model, tokenizer, path: Path, ctx) -> str:
     else:
         sd = None
     if ctx.is_main:
-        base = unwrap(model)
-        base.save_pretrained(path, state_dict=sd)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
+        # Written whole into a temporary directory, then renamed into place: a failed save never
+        # leaves half a model in final/ (nor a stray temporary directory).
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            base = unwrap(model)
+            base.save_pretrained(tmp, state_dict=sd)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     ctx.barrier()
     return str(path)

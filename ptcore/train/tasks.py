@@ -275,15 +275,18 @@ def write_jsonl(task, kind: str = "sft", path=None, n: int = 1000, seed: int = 0
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"write_jsonl/{task.name}/{seed}")
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent writers never collide
-    with open(tmp, "w") as f:
-        for p in task.problems(n, seed, split):
-            if kind == "sft":
-                row = {"prompt": p.prompt, "completion": p.solution}
-            elif kind == "dpo":
-                row = {"prompt": p.prompt, "chosen": p.solution,
-                       "rejected": task.wrong_solution(p, rng)}
-            else:
-                row = {"prompt": p.prompt, "answer": p.answer}
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            for p in task.problems(n, seed, split):
+                if kind == "sft":
+                    row = {"prompt": p.prompt, "completion": p.solution}
+                elif kind == "dpo":
+                    row = {"prompt": p.prompt, "chosen": p.solution,
+                           "rejected": task.wrong_solution(p, rng)}
+                else:
+                    row = {"prompt": p.prompt, "answer": p.answer}
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+    finally:  # a failed write (bad n, interrupt, full disk) leaves no temporary file
+        tmp.unlink(missing_ok=True)
     return path
