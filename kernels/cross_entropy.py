@@ -1,4 +1,4 @@
-"""Triton kernel for the fused per-row cross-entropy pass (math: shared/reference/kernels.md s.1).
+"""Triton kernel for the fused per-row cross-entropy pass (math: docs/kernels.md §1).
 
 Why the per-row pass rather than a blockwise recompute kernel: the chunked design keeps the three
 GEMMs in cuBLAS (the best GEMMs on the device) and leaves Triton only the memory-bound part, which

@@ -1,5 +1,5 @@
 """The float64 oracle for the fused losses: full logits in plain PyTorch (fine at test sizes),
-written from shared/reference/kernels.md section 1 independently of ptcore's code."""
+written from docs/kernels.md sections 1-2 independently of ptcore's code."""
 import torch
 import torch.nn.functional as F
 

@@ -1,5 +1,5 @@
 """group_advantages and gae against independent pure-Python oracles written from
-shared/reference/losses.md §3, hand values, NaN / constant groups and bad input."""
+docs/losses.md §3, hand values, NaN / constant groups and bad input."""
 import doctest
 import math
 import statistics

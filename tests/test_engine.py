@@ -66,7 +66,7 @@ def test_logits_match_hf_forward(family, fuse, page_size):
     assert rel_err(seq.logits, ref[22]) < 1e-12
     rows = engine.forward([seq], [ids[0, 23:].tolist()], all_logits=True)[0]
     assert rows.shape == (17, 131) and rel_err(rows, ref[23:]) < 1e-12
-    # fp32 engine against the float64 HF forward (kernels.md section 2)
+    # fp32 engine against the float64 HF forward (docs/kernels.md §4)
     engine32 = Engine(copy.deepcopy(model).float(), page_size=page_size, max_cached_tokens=1024, fuse_weights=fuse)
     s32 = engine32.start(ids[0, :23].tolist())
     rows32 = engine32.forward([s32], [ids[0, 23:].tolist()], all_logits=True)[0]

@@ -1,5 +1,5 @@
 """ptcore.ops.linear_cross_entropy on every backend here against the float64 oracle
-(tolerance rules: shared/reference/kernels.md section 2)."""
+(tolerance rule: docs/kernels.md §4)."""
 import pytest
 import torch
 

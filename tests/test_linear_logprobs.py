@@ -1,5 +1,5 @@
 """ptcore.ops.linear_logprobs on every backend here against float64 log_softmax + gather and the
-float64 entropy (tolerance rules: shared/reference/kernels.md section 2), and its invariances."""
+float64 entropy (tolerance rule: docs/kernels.md §4), and its invariances."""
 import pytest
 import torch
 

@@ -1,6 +1,6 @@
 """Paged attention (decode, extend, write_kv, copy_pages) on every backend here against a float64
-oracle written position by position from the block table (tolerances: shared/reference/kernels.md
-section 2), plus the argument checks of the Python and C++ layers."""
+oracle written position by position from the block table (tolerances: docs/kernels.md
+section 4), plus the argument checks of the Python and C++ layers."""
 import math
 
 import pytest
@@ -186,7 +186,7 @@ def test_float64_inputs(backend):
 def test_low_precision_criterion(backend, dtype):
     """Error vs float64 <= the naive PyTorch computation in the same dtype + 1e-2 (relative)."""
     if _name(backend) == "triton" and dtype == torch.bfloat16:
-        pytest.skip("triton: bf16 tl.dot is broken in the CPU interpreter (kernels.md section 4)")
+        pytest.skip("triton: bf16 tl.dot is broken in the CPU interpreter (docs/kernels.md section 5)")
     c = make_case(16, 2, 4, 80, [40, 17, 1], [9, 17, 1], dtype=dtype)
     out = extend(backend, c)
     assert out.dtype == dtype

@@ -1,6 +1,6 @@
 """ptcore.patch on tiny randomly initialized Hugging Face models of every supported architecture:
 the fused loss and every parameter's gradient against a float64 oracle computed from the unpatched
-model's logits (tolerance rules: shared/reference/kernels.md section 2), Hugging Face's own loss
+model's logits (tolerance rule: docs/kernels.md §4), Hugging Face's own loss
 semantics (shift, -100, num_items_in_batch), identical generation, the head_loss path, patch_class,
 unpatch, and clear errors."""
 import copy

@@ -1,4 +1,4 @@
-"""policy_loss against an independent float64 oracle written from shared/reference/losses.md §2
+"""policy_loss against an independent float64 oracle written from docs/losses.md §2
 (pure Python, token by token), hand-computed values, gradients, micro-batch invariance with the
 global normalizer, masking and bad input."""
 import doctest
@@ -194,7 +194,7 @@ def test_micro_batch_invariance(loss_type, cfg):
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
 def test_per_micro_batch_normalization_differs(loss_type):
-    """The trap the global normalizer avoids (losses.md §2): local denominators change the loss."""
+    """The trap the global normalizer avoids (docs/losses.md §2): local denominators change the loss."""
     lp, old, _, A, M, _ = make(B=8, T=5, seed=7)
     whole = policy_loss(lp, old, A, M, loss_type=loss_type).loss
     local = sum(policy_loss(lp[i], old[i], A[i], M[i], loss_type=loss_type).loss

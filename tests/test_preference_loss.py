@@ -1,4 +1,4 @@
-"""dpo_loss against an independent float64 oracle written from shared/reference/losses.md §1 (pure
+"""dpo_loss against an independent float64 oracle written from docs/losses.md §1 (pure
 Python math, one pair at a time), hand-computed values, gradients, and bad input."""
 import doctest
 import math

@@ -1,6 +1,6 @@
 """ptcore.cache.RadixCache (C++) against the brute-force RadixModel under random sequences of
 start (match + lock + page allocation with copy-on-write) / finish (insert + unlock) / release /
-evict / match / bad input, at page sizes 1 and 4, with the invariants of ttc.md section 1 checked
+evict / match / bad input, at page sizes 1 and 4, with the invariants of docs/ttc.md §1 checked
 after every step: every page is free, held by the tree, or owned by exactly one running sequence;
 locked paths are never evicted; match_prefix returns exactly the longest prefix inserted and not
 evicted; after all sequences end and a flush, every page is free. Plus bad-input tests of the

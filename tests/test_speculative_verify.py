@@ -2,7 +2,7 @@
 distribution (chi-square goodness of fit at fixed seeds, p > 1e-3, with a negative control that
 the same test rejects), greedy mode is exact, seeded runs are bit-identical and identical across
 backends, ids stay in [0, V) for any V, ragged lengths, and bad input raises naming the argument.
-The rule (shared/reference/ttc.md section 2) is re-implemented here independently (``naive_verify``)."""
+The rule (docs/ttc.md §2) is re-implemented here independently (``naive_verify``)."""
 import itertools
 
 import pytest
@@ -63,7 +63,7 @@ def sample_drafts(q, N, *, seed):
 
 
 def naive_verify(x, q, p, lens, u, e, *, wrong=False):
-    """The rule from ttc.md, written independently of ptcore (a walk over positions, float64);
+    """The rule from docs/ttc.md §2, written independently of ptcore (a walk over positions, float64);
     ``wrong``: the negative control that accepts with min(1, q/p) instead of min(1, p/q)."""
     B, K = x.shape
     V = p.shape[-1]

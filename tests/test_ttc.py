@@ -1,5 +1,5 @@
 """ptcore.ttc strategies on a tiny random model with deterministic toy scorers: each does what its
-definition says (ttc.md section 3), prefix reuse is exact (tokens computed == tree tokens), the
+definition says (docs/ttc.md §3), prefix reuse is exact (tokens computed == tree tokens), the
 reward-model scorer reuses its own KV cache, seeded searches repeat."""
 from collections import Counter
 

@@ -1,5 +1,5 @@
 // CUDA version of the fused per-row cross-entropy pass (same math and contract as
-// csrc/cpu/cross_entropy_rows.cpp; shared/reference/kernels.md section 1). One thread block per
+// csrc/cpu/cross_entropy_rows.cpp; docs/kernels.md section 1). One thread block per
 // row; three sweeps over the row (max and sum, sum of exp, gradient write), fp32 accumulation.
 // An out-of-range target cannot raise from the device without a host sync, so such a row gets a
 // NaN loss and a NaN gradient row: never a silent wrong answer.

@@ -1,4 +1,4 @@
-"""Advantage estimators: shared/reference/losses.md §3.
+"""Advantage estimators: docs/losses.md §3.
 
 Plain PyTorch in float32 (float64 for float64 input). Conventions picked where the reference
 leaves a choice:
@@ -45,7 +45,7 @@ def _safe_div(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None, *,
                      groups: Optional[torch.Tensor] = None, estimator: str = "grpo",
                      scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
-    """Per-completion advantages from group statistics (losses.md §3).
+    """Per-completion advantages from group statistics (docs/losses.md §3).
 
     Args:
         rewards: ``[B]`` rewards; NaN = missing.
@@ -126,7 +126,7 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None, *,
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
         lam: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation over token-level rewards (losses.md §3).
+    """Generalized advantage estimation over token-level rewards (docs/losses.md §3).
 
     ``delta_t = r_t + gamma V_next - V_t``, ``A_t = delta_t + gamma lam A_next``, returns
     ``A + V``, where "next" is the next position with ``mask`` nonzero (masked positions are

@@ -1,4 +1,4 @@
-"""The chunk loop shared by the fused LM-head ops (kernels.md section 1, family 1).
+"""The chunk loop shared by the fused LM-head ops (docs/kernels.md §3).
 
 For each chunk of rows: one GEMM for the chunk's logits into a reused buffer, the op's per-row
 pass over that buffer (which, when gradients are wanted, leaves dL/dlogits in it), then the two

@@ -1,7 +1,7 @@
 """Fused linear cross-entropy: ``cross_entropy(softcap(input @ weight.T + bias), target)`` plus
 ``z_loss * lse^2``, without ever materializing the ``[N, V]`` logits.
 
-Design (shared/reference/kernels.md section 1, family 1, "token chunks, gradient in the forward"):
+Design (docs/kernels.md §3, "token chunks, gradient in the forward"):
 per chunk of rows, one GEMM for the chunk's logits, one fused per-row pass (the backend's kernel)
 that computes the loss and writes the gradient in place over the logits, then the two gradient
 GEMMs. GEMMs stay in the vendor BLAS, which is what bounds this op on a CPU. For ``mean``/``sum``

@@ -1,7 +1,7 @@
 """Fused per-token log-probs and entropy from hidden states: the RL head, without the [N, V] logits.
 
 ``logp_i = log softmax(softcap(x_i W^T + b) / T)[y_i]`` and ``H_i`` the entropy of that
-distribution (kernels.md section 1, "the RL heads"). Forward: per chunk, the logits GEMM and the
+distribution (docs/kernels.md §2). Forward: per chunk, the logits GEMM and the
 backend's stats pass (one sweep gives lse, the mean of z' under p, logp and H). The incoming
 gradients are unknown until backward, so the backward recomputes the logits by chunks and writes
 ``d(g_logp logp + g_H H)/dlogits`` in one pass (8NHV FLOPs in all; the fused losses in

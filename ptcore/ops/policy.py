@@ -1,5 +1,4 @@
-"""Policy-gradient losses (GRPO / PPO family) on per-token log-probs: losses.md §2
-(shared/reference/losses.md).
+"""Policy-gradient losses (GRPO / PPO family) on per-token log-probs: docs/losses.md §2.
 
 Tensors are ``[B, T]`` (``advantages`` may be ``[B]``, broadcast to the tokens of its sequence).
 The math runs in float32 (float64 when ``logps`` is float64), with plain differentiable PyTorch
@@ -49,7 +48,7 @@ class PolicyLossOutput(NamedTuple):
 
 
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token KL estimate of the policy to the reference (losses.md §2, KL table).
+    """Per-token KL estimate of the policy to the reference (docs/losses.md §2, KL table).
 
     ``k1 = logp - ref``, ``k2 = 0.5 (logp - ref)^2``, ``k3 = exp(d) - d - 1`` with
     ``d = clamp(ref - logp, -20, 20)``. Same shape and dtype as the inputs; differentiable.
@@ -116,7 +115,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
                 normalizer: Union[None, float, torch.Tensor] = None,
                 entropy: Optional[torch.Tensor] = None,
                 cispo_max: Optional[float] = None) -> PolicyLossOutput:
-    """Clipped policy-gradient loss of one micro-batch (losses.md §2).
+    """Clipped policy-gradient loss of one micro-batch (docs/losses.md §2).
 
     Per token: PPO clip ``-min(rho A, clip(rho, 1-eps_low, 1+eps_high) A)`` (grpo, bnpo, dr_grpo,
     dapo, gspo), with dual clip ``min(., -c A)`` for ``A < 0`` when ``dual_clip=c`` (``c > 1``);

@@ -1,4 +1,4 @@
-"""Preference (DPO-family) losses on per-sequence summed log-probs: shared/reference/losses.md §1.
+"""Preference (DPO-family) losses on per-sequence summed log-probs: docs/losses.md §1.
 
 All inputs are ``[B]`` tensors, one entry per (chosen, rejected) pair. The math runs in float32
 (float64 when any input is float64) with plain, differentiable PyTorch ops and no host syncs.
@@ -67,7 +67,7 @@ def _check_lengths(name, value, ref):
 
 
 def _per_pair(kind, *, beta, e, rc, rr, pc, pr, lc, lr, gamma, orpo_lambda, chosen_nll):
-    """Per-pair loss of one type, exactly as in losses.md §1."""
+    """Per-pair loss of one type, exactly as in docs/losses.md §1."""
     ls, s = F.logsigmoid, torch.sigmoid
     z = beta * (rc - rr)
     if kind == "sigmoid":
@@ -108,7 +108,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
              rejected_lengths: Optional[torch.Tensor] = None, gamma: float = 0.5,
              orpo_lambda: float = 1.0, chosen_nll: Optional[torch.Tensor] = None,
              loss_weights: Optional[Sequence[float]] = None) -> PreferenceLossOutput:
-    """DPO-family loss of a batch of preference pairs (losses.md §1).
+    """DPO-family loss of a batch of preference pairs (docs/losses.md §1).
 
     Args:
         policy_chosen_logps, policy_rejected_logps: ``[B]`` summed completion log-probs of the

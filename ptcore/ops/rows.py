@@ -1,4 +1,4 @@
-"""The per-row cross-entropy pass on each backend (math: shared/reference/kernels.md section 1).
+"""The per-row cross-entropy pass on each backend (math: docs/kernels.md §1).
 
 Contract, the same for every backend: ``logits`` is a ``[n, V]`` chunk with unit column stride;
 ``target`` ``[n]`` int64; ``loss`` and ``lse`` ``[n]`` outputs and ``scale`` (None, or broadcast

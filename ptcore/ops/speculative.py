@@ -1,4 +1,4 @@
-"""Lossless verification of speculative drafts (math: shared/reference/ttc.md section 2).
+"""Lossless verification of speculative drafts (math: docs/ttc.md §2).
 
 :func:`speculative_verify` checks a chain of K draft tokens per sequence against the target's
 distributions in one call; :func:`speculative_verify_tree` checks a token tree (several candidates
@@ -292,7 +292,7 @@ def speculative_verify(draft_tokens: torch.Tensor, draft_probs: Optional[torch.T
 
 
 # ---------------------------------------------------------------------------------------------
-# Token trees: recursive rejection over siblings (ttc.md section 2). Backends: the torch reference
+# Token trees: recursive rejection over siblings (docs/ttc.md §2). Backends: the torch reference
 # and cpu. Contract: tokens [B, N] int64, parents [B, N] int64 (parents[b, i] in [-1, i)), u [B, N]
 # and e [B, V] float64 (None when greedy); probs [B, N+1, V] with unit stride over V (row 0: the
 # root's distribution, row i+1: the distribution after node i); outputs num_acc [B],

@@ -1,6 +1,6 @@
 """Step-level search with a process reward scorer: beam search and diverse verifier tree search
 (DVTS). A step ends at a delimiter (``step_params.stop_token_ids`` / ``stop_strings``), a solution
-at EOS or after ``max_steps`` steps. Definitions: ttc.md section 3."""
+at EOS or after ``max_steps`` steps. Definitions: docs/ttc.md §3."""
 from __future__ import annotations
 
 from ptcore.engine import Engine, SamplingParams

@@ -1,6 +1,6 @@
 """Monte Carlo tree search over reasoning steps: PUCT selection, expansion by sampling ``k`` next
 steps (one batch, sharing the node's KV), values from the scorer, backup of the mean along the
-path. Definitions: ttc.md section 3."""
+path. Definitions: docs/ttc.md §3."""
 from __future__ import annotations
 
 import math

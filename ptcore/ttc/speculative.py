@@ -1,4 +1,4 @@
-"""Speculative decoding on ptcore's engine (shared/reference/ttc.md section 2).
+"""Speculative decoding on ptcore's engine (math: docs/ttc.md §2).
 
 Each round, a drafter proposes up to K tokens per sequence; the target engine scores the last
 emitted token and all drafts in ONE batched forward over its paged cache (``all_logits``), and

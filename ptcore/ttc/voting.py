@@ -1,5 +1,5 @@
 """Strategies over N independent samples of one prompt (the prompt is encoded once, the N samples
-fork from it): best-of-N, weighted best-of-N, self-consistency. Definitions: ttc.md section 3."""
+fork from it): best-of-N, weighted best-of-N, self-consistency. Definitions: docs/ttc.md §3."""
 from __future__ import annotations
 
 from collections import Counter

@@ -1,5 +1,5 @@
-// Raw-pointer interface of the per-row log-prob / entropy passes (shared/reference/kernels.md s.1,
-// "the RL heads"), shared by the CPU and CUDA kernels and their bindings. With u = softcap(z) and
+// Raw-pointer interface of the per-row log-prob / entropy passes (docs/kernels.md section 2,
+// the RL head), shared by the CPU and CUDA kernels and their bindings. With u = softcap(z) and
 // z' = u / T:  logp = z'_y - lse(z'),  H = lse(z') - mu,  mu = sum_j p_j z'_j,  p = softmax(z').
 //   stats pass: reads a logits row, writes logp, lse, mu (and H).
 //   grad pass:  given g_lp, g_H per row and the row's lse, mu, overwrites the row with

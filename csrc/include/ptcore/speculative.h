@@ -1,5 +1,5 @@
 // Raw-pointer interface of the speculative verification kernels (rule: ptcore/ops/speculative.py
-// and shared/reference/ttc.md section 2), shared by the CPU and CUDA kernels and their bindings.
+// and docs/ttc.md section 2), shared by the CPU and CUDA kernels and their bindings.
 //
 // Per sequence b with draft length L = clamp(lens[b], 0, K):
 //   accept draft k < L iff x = tokens[b, k] is in [0, V) and
