@@ -1,7 +1,8 @@
 """Builds ptcore's compiled modules through csrc/build.py (ninja; pybind11; no torch headers).
 
-``_C`` always; ``_cuda`` when a CUDA toolkit is found (PTCORE_CUDA=1 forces it, PTCORE_CUDA=0
-skips it). Metadata lives in pyproject.toml.
+The CPU modules always (``_C`` and its ISA variants ``_C_v3``, ``_C_v4``, or one ``_C`` when
+PTCORE_CPU_ARCH names a -march such as native: csrc/build.py); ``_cuda`` when a CUDA toolkit is
+found (PTCORE_CUDA=1 forces it, PTCORE_CUDA=0 skips it). Metadata lives in pyproject.toml.
 """
 import importlib.util
 import os
@@ -41,8 +42,9 @@ class NinjaBuildExt(build_ext):
 
 
 def _extensions():
-    exts = [Extension("ptcore._C", sources=[])]
-    if _load_builder().want_cuda()[0]:
+    builder = _load_builder()
+    exts = [Extension(f"ptcore.{name}", sources=[]) for name in builder.cpu_modules()]
+    if builder.want_cuda()[0]:
         exts.append(Extension("ptcore._cuda", sources=[]))
     return exts
 
