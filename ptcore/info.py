@@ -9,6 +9,7 @@ def report() -> str:
     import torch
 
     import ptcore
+    from ptcore import _ext
     from ptcore.ops import dispatch
 
     try:
@@ -26,13 +27,20 @@ def report() -> str:
     ]
     for name, why in dispatch.status().items():
         lines.append(f"  {name:<7} {'available' if why is None else 'unavailable: ' + why}")
+    lines.append(f"cpu kernels: {_ext.cpu_variant_text()}")  # which ISA variant of ptcore._C, and why
     forced = dispatch.requested_backend()
     lines.append(f"forced backend: {forced or 'none (CUDA tensors: triton > cuda > torch; CPU tensors: cpu > torch)'}")
     return "\n".join(lines)
 
 
 def main() -> int:
-    print(report())
+    from ptcore._ext import CpuIsaError
+
+    try:
+        print(report())
+    except CpuIsaError as e:  # PTCORE_CPU_ISA asks for a variant this build or CPU lacks
+        print(f"ptcore info: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
