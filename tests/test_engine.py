@@ -438,3 +438,91 @@ def test_runs_on_the_python_radix_model_without_the_compiled_module(monkeypatch)
     assert [c[0].tokens for c in engine.generate(prompts, params)] == want
     assert [c[0].tokens for c in engine.generate(prompts, params)] == want
     assert engine.last_stats.tokens_cached > 0  # the second call reused the first call's prefixes
+
+
+# ---- min_new_tokens (Hugging Face's meaning) ----
+
+def _eos_model(eos):
+    """The tiny float64 llama with ``eos`` as its EOS token (read by the engine at construction)."""
+    model = tiny_model()
+    model.generation_config.eos_token_id = eos
+    model.config.eos_token_id = eos
+    return model
+
+
+def test_min_new_tokens_greedy_equals_hf_generate():
+    """EOS (and the stop tokens) are suppressed until min_new_tokens were generated, exactly as
+    HF generate(min_new_tokens=...) does; afterwards they stop generation again."""
+    prompt = torch.randint(0, 131, (7,)).tolist()
+    free = Engine(tiny_model(), page_size=4, max_cached_tokens=1024).generate(
+        [prompt], SamplingParams(max_new_tokens=14, temperature=0))[0][0].tokens
+    eos, stop = free[1], free[3]  # greedy would stop at once on either
+    model = _eos_model(eos)
+    engine = Engine(model, page_size=4, max_cached_tokens=1024)
+    assert engine.eos_token_ids == (eos,)
+    early = engine.generate([prompt], SamplingParams(max_new_tokens=14, temperature=0))[0][0]
+    assert early.tokens == free[:2] and early.finish_reason == "stop"
+    ids = torch.tensor([prompt])
+    for m in (0, 1, 2, 5, 9, 14):
+        c = engine.generate([prompt], SamplingParams(max_new_tokens=14, min_new_tokens=m, temperature=0))[0][0]
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=14, min_new_tokens=m,
+                             do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        assert c.tokens == ref, m
+        assert len(c.tokens) >= m and eos not in c.tokens[:m]
+        assert c.finish_reason == ("stop" if c.tokens[-1] == eos else "length")
+        assert c.logprobs == [0.0] * len(c.tokens)
+        # a stop token is suppressed alike: HF with both as EOS ids
+        c = engine.generate([prompt], SamplingParams(max_new_tokens=14, min_new_tokens=m, temperature=0,
+                                                     stop_token_ids=[stop]))[0][0]
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=14, min_new_tokens=m,
+                             do_sample=False, pad_token_id=0, eos_token_id=[eos, stop])[0, len(prompt):].tolist()
+        assert c.tokens == ref, ("stop", m)
+    forced = engine.generate([prompt], SamplingParams(max_new_tokens=9, min_new_tokens=9, temperature=0))[0][0]
+    assert len(forced.tokens) == 9 and forced.finish_reason == "length"  # a forced length
+
+
+def test_min_new_tokens_sampling_logprobs_are_of_the_suppressed_distribution():
+    """Sampled tokens never hit EOS / a stop token before min_new_tokens, and each returned log-prob
+    is that of the distribution sampled from (the masked, renormalized softmax), checked against
+    float64 logits recomputed from scratch."""
+    prompt = torch.randint(0, 131, (6,)).tolist()
+    probe = Engine(tiny_model(), page_size=4, max_cached_tokens=4096)
+    z = probe.start(prompt).logits
+    top = torch.sort(z, descending=True).indices.tolist()
+    eos, stop = top[0], top[1]  # the two most likely first tokens
+    model = _eos_model(eos)
+    engine = Engine(model, page_size=4, max_cached_tokens=4096)
+    temp = 0.05  # the tiny model's logits are nearly flat: sharpen them so EOS / stop are likely
+    params = SamplingParams(max_new_tokens=8, min_new_tokens=5, temperature=temp, seed=3, stop_token_ids=[stop])
+    outs = engine.generate([prompt], params, n=12)[0]
+    ref = Engine(model, page_size=4, max_cached_tokens=4096, prefix_caching=False)
+    for c in outs:
+        assert len(c.tokens) >= 5 and not {eos, stop} & set(c.tokens[:5])
+        for j, (t, lp) in enumerate(zip(c.tokens, c.logprobs)):
+            s = ref.start(prompt + c.tokens[:j])
+            logits = s.logits.double() / temp
+            ref.release(s)
+            if j < 5:
+                logits[[eos, stop]] = float("-inf")
+            assert math.isclose(lp, float(torch.log_softmax(logits, -1)[t]), rel_tol=1e-6, abs_tol=1e-9), (j, t)
+    unmasked = torch.softmax(z.double() / temp, -1)
+    assert float(unmasked[eos] + unmasked[stop]) > 0.3  # the suppression mattered
+    # the same engine and seed without min_new_tokens stops early at least once in 12 samples
+    free = engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=temp, seed=3,
+                                                    stop_token_ids=[stop]), n=12)[0]
+    assert any(len(c.tokens) < 5 for c in free)
+
+
+def test_min_new_tokens_validation():
+    for value, why in [(-1, ">= 0"), (1.5, ">= 0"), (True, ">= 0"), ("2", ">= 0"), (17, "<= max_new_tokens")]:
+        with pytest.raises(ValueError, match=f"'min_new_tokens'.*{why}"):
+            SamplingParams(max_new_tokens=16, min_new_tokens=value)
+    assert SamplingParams(max_new_tokens=3, min_new_tokens=3).min_new_tokens == 3
+    assert SamplingParams().min_new_tokens == 0
+
+
+def test_default_page_size_is_16_off_flash_attn():
+    from ptcore.engine.engine import default_page_size
+    engine = Engine(tiny_model(), max_cached_tokens=256)
+    assert engine.page_size == 16 == default_page_size(torch.device("cpu"), torch.float64)
+    assert default_page_size(torch.device("cpu"), torch.float16) == 16

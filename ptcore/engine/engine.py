@@ -15,7 +15,7 @@ import torch
 
 from ptcore import ops
 from ptcore.engine.model import CompactModel, load_hf_model
-from ptcore.engine.sampling import SamplingParams, make_generator, sample
+from ptcore.engine.sampling import SamplingParams, make_generator, sample, suppress_stops
 from ptcore.engine.tree import TokenTrie
 
 
@@ -93,6 +93,19 @@ class Seq:
         return f"Seq(len={len(self)}, computed={self.num_computed}, alive={self.alive})"
 
 
+def default_page_size(device, dtype) -> int:
+    """The engine's default KV page size: 256 when flash-attn would run the paged attention of
+    tensors of this device and dtype (its block table needs a multiple of 256), else 16."""
+    from ptcore.ops import dispatch
+    flash = getattr(dispatch, "FLASH_PAGE_MULTIPLE", 256)
+    try:
+        chosen = dispatch.resolve(torch.device(device), dtype, op="paged_attention_decode", page_size=flash,
+                                  tree_mask=False)
+    except dispatch.BackendUnavailable:  # a forced backend that cannot run: the ops will say so
+        return 16
+    return flash if chosen == "flash_attn" else 16
+
+
 class Engine:
     """Inference over a paged KV cache with prefix reuse.
 
@@ -103,7 +116,9 @@ class Engine:
             (default float32) with its tokenizer.
         tokenizer: for text prompts, stop strings and ``Completion.text`` (loaded from the
             directory when ``model`` is a path and this is None).
-        page_size: tokens per KV page.
+        page_size: tokens per KV page. Default: 16, or 256 when flash-attn is the paged attention
+            backend for the model's device and dtype (its paged KV cache takes only multiples
+            of 256; CUDA, fp16/bf16, flash-attn installed, no other backend forced).
         max_cached_tokens: KV capacity in tokens (sequences plus the radix cache).
         dtype, device: cast / move the model first (default: as it is).
         prefix_caching: False turns reuse off (no radix matches, forks re-encode their prefix):
@@ -116,12 +131,12 @@ class Engine:
     identical while sequences are no longer than the window; longer sequences raise ValueError.
     """
 
-    def __init__(self, model, *, tokenizer=None, page_size: int = 16, max_cached_tokens: int = 32768,
+    def __init__(self, model, *, tokenizer=None, page_size: int | None = None, max_cached_tokens: int = 32768,
                  dtype: torch.dtype | None = None, device=None, prefix_caching: bool = True,
                  fuse_weights: bool | None = None):
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-            raise ValueError(f"Engine: 'page_size' must be an int >= 1, got {page_size!r}")
-        if isinstance(max_cached_tokens, bool) or not isinstance(max_cached_tokens, int) or max_cached_tokens < page_size:
+        if page_size is not None and (isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1):
+            raise ValueError(f"Engine: 'page_size' must be an int >= 1 (or None: the backend's default), got {page_size!r}")
+        if isinstance(max_cached_tokens, bool) or not isinstance(max_cached_tokens, int) or max_cached_tokens < (page_size or 1):
             raise ValueError(f"Engine: 'max_cached_tokens' must be an int >= page_size, got {max_cached_tokens!r}")
         if isinstance(model, str) and not Path(model).is_dir():  # a model name (ptcore.models)
             from ptcore import models
@@ -137,6 +152,9 @@ class Engine:
         self.hf_model = load_hf_model(model, dtype, device)
         self.model = CompactModel(self.hf_model, fuse_weights)
         self.tokenizer = tokenizer
+        if page_size is None:
+            page_size = default_page_size(self.model.device, self.model.dtype)
+            max_cached_tokens = max(max_cached_tokens, page_size)
         self.page_size = page_size
         self.prefix_caching = bool(prefix_caching)
         self.device = self.model.device
@@ -402,6 +420,7 @@ class Engine:
         seq_lens = self.cache.seq_lens(handles).to(dev)
         decode = tree_mask is None and all(n == 1 for n in lens)
         cu = None if decode else torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(dev)
+        max_q = max(lens)  # known here: the kernels need no host sync for it
         kp, vp = self.pool.k, self.pool.v
         scale = self.model.scale
 
@@ -410,7 +429,7 @@ class Engine:
             if decode:
                 return ops.paged_attention_decode(q, kp[layer], vp[layer], block_table, seq_lens, scale=scale)
             return ops.paged_attention_extend(q, kp[layer], vp[layer], block_table, seq_lens, cu,
-                                              scale=scale, tree_mask=tree_mask)
+                                              scale=scale, tree_mask=tree_mask, max_q=max_q)
 
         if decode:
             select = None  # one row per sequence: every row
@@ -444,8 +463,8 @@ class Engine:
     # -- generation ------------------------------------------------------------------------------
     def _stop_check(self, params: SamplingParams, out: list[int]) -> str | None:
         if out[-1] in params.stop_token_ids or out[-1] in self.eos_token_ids:
-            return "stop"
-        if params.stop_strings:
+            return "stop"  # never before min_new_tokens: their logits were -inf
+        if params.stop_strings and len(out) >= params.min_new_tokens:
             # a string of n characters spans at most n tokens (+ a margin for multi-byte pieces):
             # decoding the tail keeps the check O(1) per token
             tail = self.decode(out[-(max(map(len, params.stop_strings)) + 8):])
@@ -479,6 +498,11 @@ class Engine:
             bar = tqdm(total=max(p.max_new_tokens for p in plist), desc="decode", unit="tok", leave=False)
         while active:
             logits = torch.stack([seqs[i].logits for i in active])
+            # min_new_tokens: EOS and the stop tokens cannot be sampled yet (Hugging Face's rule)
+            banned = [plist[i].stop_token_ids + self.eos_token_ids if len(outs[i]) < plist[i].min_new_tokens else ()
+                      for i in active]
+            if any(banned):
+                logits = suppress_stops(logits, banned)
             tok, lp = sample(logits, [plist[i] for i in active], [generators[i] for i in active])
             tok, lp = tok.tolist(), lp.tolist()
             self.stats.tokens_generated += len(active)

@@ -19,6 +19,10 @@ class SamplingParams:
     """How to sample one request.
 
     max_new_tokens: tokens to generate at most (>= 1).
+    min_new_tokens: tokens to generate at least (0 <= min_new_tokens <= max_new_tokens), Hugging
+        Face's meaning: until that many were generated, EOS and the stop tokens have logit -inf
+        (the returned log-probs are of that distribution, the one sampled from) and stop strings
+        are not checked. ``min_new_tokens == max_new_tokens`` forces the length (benchmarks).
     temperature: 0 for greedy (argmax), else > 0; logits are divided by it.
     top_k: keep the k most likely tokens (0: all).
     top_p: keep the smallest set of most likely tokens whose probability reaches top_p (1.0: all).
@@ -29,6 +33,7 @@ class SamplingParams:
         the token that completes the string is the last one kept.
     """
     max_new_tokens: int = 16
+    min_new_tokens: int = 0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -41,6 +46,11 @@ class SamplingParams:
             raise ValueError(f"SamplingParams: '{name}' {why}, got {value!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             bad("max_new_tokens", self.max_new_tokens, "must be an int >= 1")
+        m = self.min_new_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            bad("min_new_tokens", m, "must be an int >= 0")
+        if m > self.max_new_tokens:
+            bad("min_new_tokens", m, f"must be <= max_new_tokens ({self.max_new_tokens})")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             bad("temperature", t, "must be a finite number >= 0")
@@ -63,6 +73,20 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def suppress_stops(logits: torch.Tensor, banned: list[tuple[int, ...]]) -> torch.Tensor:
+    """``logits [B, V]`` with ``banned[b]`` (token ids; ids outside the vocabulary are ignored) set
+    to -inf in row b: the min_new_tokens rule. Returns a new tensor when anything is banned."""
+    V = logits.shape[1]
+    rows = [b for b, ids in enumerate(banned) for t in ids if 0 <= t < V]
+    if not rows:
+        return logits
+    cols = [t for ids in banned for t in ids if 0 <= t < V]
+    out = logits.clone()
+    idx = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+    out.index_put_(idx, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+    return out
 
 
 def make_generator(seed: int | None, device) -> torch.Generator:

@@ -135,7 +135,8 @@ def paged_attention_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_table: torch.Tensor, seq_lens: torch.Tensor,
                            cu_seqlens_q: torch.Tensor, *, scale: Optional[float] = None,
                            softcap: Optional[float] = None,
-                           tree_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           tree_mask: Optional[torch.Tensor] = None,
+                           max_q: Optional[int] = None) -> torch.Tensor:
     """Attention of the new tokens of many sequences over their cached prefixes and each other.
 
     Args:
@@ -148,6 +149,10 @@ def paged_attention_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         tree_mask: optional bool ``[T, W]`` with ``W >= max q_len``: row t says which new tokens of
             its own sequence it sees (columns past ``q_len_b`` are ignored); without it, attention
             among new tokens is causal. The prefix is always visible.
+        max_q: the longest ``q_len`` of the batch, or an upper bound on it (the caller knows it:
+            passing it saves the triton and flash-attn backends a host sync per call); None:
+            computed from ``cu_seqlens_q``. A value below the longest ``q_len`` raises ValueError
+            for CPU tensors (on CUDA it is not checked: rows past it would be left unwritten).
 
     Returns:
         ``[T, Hq, D]`` in q's dtype.
@@ -157,6 +162,9 @@ def paged_attention_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     checks.tensor(op, "cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=INDEX_DTYPES)
     checks.same_device(op, "q", q, cu_seqlens_q=cu_seqlens_q, tree_mask=tree_mask)
     B, T = seq_lens.shape[0], q.shape[0]
+    if max_q is not None and (isinstance(max_q, bool) or not isinstance(max_q, int) or max_q < 0):
+        raise ValueError(f"{op}: 'max_q' must be an int >= 0 (an upper bound on the longest q_len) or None, "
+                         f"got {max_q!r}")
     if cu_seqlens_q.shape[0] != B + 1:
         raise ValueError(f"{op}: 'cu_seqlens_q' must have B + 1 = {B + 1} entries, got {cu_seqlens_q.shape[0]}")
     if tree_mask is not None:
@@ -180,10 +188,14 @@ def paged_attention_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             raise ValueError(f"{op}: 'tree_mask' has {tree_mask.shape[1]} columns, fewer than the longest "
                              f"q_len {int(q_lens.max())}")
         _check_data(op, block_table, seq_lens, q_lens, k_cache.shape[0], k_cache.shape[1], decode=False)
+    if max_q is not None and q.device.type == "cpu" and B:  # every backend alike (cpu ignores it)
+        longest = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+        if max_q < longest:
+            raise ValueError(f"{op}: 'max_q' = {max_q} is below the longest q_len {longest}")
     if T == 0 and backend != "cpu":
         return torch.empty_like(q)
     return backends.EXTEND[backend](q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                                    scale=scale, softcap=softcap, tree_mask=tree_mask)
+                                    scale=scale, softcap=softcap, tree_mask=tree_mask, max_q=max_q)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

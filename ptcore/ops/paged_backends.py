@@ -101,7 +101,7 @@ def decode_cpu(q, k_cache, v_cache, block_table, seq_lens, *, scale, softcap):
     return _cpu_call(q, k_cache, v_cache, block_table, seq_lens, None, scale=scale, softcap=softcap, tree_mask=None)
 
 
-def extend_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale, softcap, tree_mask):
+def extend_cpu(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale, softcap, tree_mask, max_q=None):
     return _cpu_call(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale=scale, softcap=softcap,
                      tree_mask=tree_mask)
 
@@ -113,9 +113,10 @@ def decode_triton(q, k_cache, v_cache, block_table, seq_lens, *, scale, softcap)
                                                         scale=scale, softcap=softcap)
 
 
-def extend_triton(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale, softcap, tree_mask):
+def extend_triton(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale, softcap, tree_mask, max_q=None):
     return _ext.triton_kernels().paged_attention_extend(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                                                        scale=scale, softcap=softcap, tree_mask=tree_mask)
+                                                        scale=scale, softcap=softcap, tree_mask=tree_mask,
+                                                        max_q=max_q)
 
 
 # ---- flash-attn (CUDA) ----
@@ -128,13 +129,14 @@ def decode_flash(q, k_cache, v_cache, block_table, seq_lens, *, scale, softcap):
     return out.squeeze(1)
 
 
-def extend_flash(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale, softcap, tree_mask):
+def extend_flash(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale, softcap, tree_mask, max_q=None):
     fa = _flash_attn()[0]
     cu_k = torch.zeros(seq_lens.shape[0] + 1, dtype=torch.int32, device=q.device)
     cu_k[1:] = torch.cumsum(seq_lens, 0)
     q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
     # causal=True aligns the mask bottom-right: new token j of b sees keys <= seq_lens[b] - q_len_b + j.
-    return fa.flash_attn_varlen_func(q, k_cache, v_cache, cu_seqlens_q, cu_k, int(q_lens.max()),
+    return fa.flash_attn_varlen_func(q, k_cache, v_cache, cu_seqlens_q, cu_k,
+                                     int(q_lens.max()) if max_q is None else max_q,
                                      int(seq_lens.max()), softmax_scale=scale, causal=True,
                                      softcap=softcap, block_table=block_table)
 

@@ -47,9 +47,9 @@ def _attend(q, k, v, visible, scale, softcap):
     return out.reshape(n, Hq, D)
 
 
-def extend_torch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale, softcap, tree_mask):
+def extend_torch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale, softcap, tree_mask, max_q=None):
     """[T, Hq, D]: new tokens of each sequence over their cached prefix and causally (or by
-    ``tree_mask``) over each other."""
+    ``tree_mask``) over each other. ``max_q`` (a bound on the new-token counts) is not needed here."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lens = seq_lens.tolist()
     cu = cu_seqlens_q.tolist()

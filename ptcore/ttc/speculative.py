@@ -204,6 +204,8 @@ def _check(target_engine, drafter, num_draft_tokens, params):
         raise TypeError(f"speculative_generate: 'params' must be a SamplingParams, got {type(params).__name__}")
     if params.stop_strings:
         raise ValueError("speculative_generate: 'stop_strings' are not supported yet; use stop_token_ids")
+    if params.min_new_tokens:
+        raise ValueError("speculative_generate: 'min_new_tokens' is not supported yet (Engine.generate has it)")
     if isinstance(drafter, DraftModelDrafter) and drafter.engine.vocab_size != target_engine.vocab_size:
         raise ValueError(f"speculative_generate: the draft model's vocabulary ({drafter.engine.vocab_size}) "
                          f"differs from the target's ({target_engine.vocab_size})")

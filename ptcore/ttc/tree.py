@@ -242,7 +242,8 @@ class Search:
             if self.max_tokens is not None:
                 budget = min(budget, self.max_tokens - len(p.tokens))
             params = self.params if budget == self.params.max_new_tokens else \
-                dataclasses.replace(self.params, max_new_tokens=max(1, budget))
+                dataclasses.replace(self.params, max_new_tokens=max(1, budget),
+                                    min_new_tokens=min(self.params.min_new_tokens, max(1, budget)))
             for _ in range(kk):
                 seqs.append(self.engine.fork(p.seq))
                 self.live.append(seqs[-1])  # at once: a later fork may raise CacheFull
