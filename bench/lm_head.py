@@ -25,6 +25,9 @@ SHARED = {BASELINE: "lm_head_gemms"}
 FEW_REPEATS = {"cpu": 2, "cuda": 10}
 SEQ_LEN = 512  # tokens per sequence in the sequence-level benchmarks (GRPO, DPO)
 FUSED_SCRATCH = 1 << 30  # generous bound on a chunked implementation's logits buffers
+# The op whose capability-table entry (ptcore.ops.dispatch.OPS) picks the backend cases; every
+# LM-head op has the same backends, devices and dtypes.
+OP = "linear_cross_entropy"
 
 
 def flops(s: dict) -> float:
@@ -33,7 +36,7 @@ def flops(s: dict) -> float:
 
 
 def reference(device: str, dtype: torch.dtype) -> str:
-    return f"ptcore[{dispatch.resolve(torch.device(device), dtype)}]"
+    return f"ptcore[{dispatch.resolve(torch.device(device), dtype, op=OP)}]"
 
 
 def missing(module: str, package: str) -> str | None:
@@ -43,10 +46,10 @@ def missing(module: str, package: str) -> str | None:
 def head_cases(device: str, dtype: torch.dtype) -> list[tuple[str, str | None]]:
     """The bare GEMMs, then ptcore's backends (its default first), each with why it cannot run."""
     dev = torch.device(device)
-    default = dispatch.resolve(dev, dtype)
+    default = dispatch.resolve(dev, dtype, op=OP)
     out = [(BASELINE, None)]
-    for b in sorted(dispatch.BACKENDS, key=lambda b: b != default):
-        why = dispatch.cannot_run(b, dev, dtype)
+    for b in sorted(dispatch.OPS[OP], key=lambda b: b != default):
+        why = dispatch.cannot_run(b, dev, dtype, op=OP)
         if b == "triton" and device == "cpu":
             why = "Triton on CPU runs only under TRITON_INTERPRET=1, an interpreter far too slow to benchmark"
         out.append((f"ptcore[{b}]", why))

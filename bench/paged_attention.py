@@ -8,7 +8,7 @@ Shapes of a small model: 8 query heads, 2 KV heads (GQA 4), head dim 64, ``layer
 decode op), ``S`` page size. The interface is bench/registry.py's.
 
 Rows: ``ptcore[cpu]`` (C++ kernel), ``ptcore[torch]`` (the gather-then-attend reference),
-``ptcore[triton]`` and ``ptcore[cuda]`` (flash-attn) on CUDA, and ``torch SDPA (contiguous)``:
+``ptcore[triton]`` and ``ptcore[flash_attn]`` (flash-attn) on CUDA, and ``torch SDPA (contiguous)``:
 ``scaled_dot_product_attention`` on K/V already contiguous per sequence, the no-paging anchor and
 the baseline of the ``of GEMM`` column (here: the fraction of SDPA's rate). GFLOP/s counts the
 attention's useful work, ``4 * Hq * D`` per (query, visible key) pair.
@@ -23,7 +23,6 @@ import torch
 
 import ptcore
 from ptcore.ops import dispatch, paged_attention_decode, paged_attention_extend
-from ptcore.ops.paged_backends import flash_why_not
 
 NAME = "paged_attention_decode"
 TITLE = "Paged attention decode (8 layers, Hq=8, Hkv=2, D=64)"
@@ -46,15 +45,13 @@ def flops(s: dict) -> int:
 
 def _backends(device: str, dtype: torch.dtype, page_size: int) -> list[tuple[str, str | None]]:
     out = []
-    names = ("cpu", "torch") if device == "cpu" else ("triton", "cuda", "torch")
+    names = ("cpu", "torch") if device == "cpu" else ("triton", "flash_attn", "torch")
     dev = torch.device(device)
     for b in names:
-        if b == "cuda":
-            why = flash_why_not(torch.empty(0, device=dev, dtype=dtype), page_size, None) if device == "cuda" else "CUDA only"
-        elif b == "triton" and device == "cpu":
+        if b == "triton" and device == "cpu":
             why = "Triton runs only in its interpreter on the CPU"
-        else:
-            why = dispatch.cannot_run(b, dev, dtype)
+        else:  # decode and extend have the same table entries
+            why = dispatch.cannot_run(b, dev, dtype, op="paged_attention_decode", page_size=page_size, tree_mask=False)
         out.append((f"ptcore[{b}]", why))
     return out
 

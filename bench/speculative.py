@@ -21,6 +21,7 @@ import ptcore
 from ptcore.ops import dispatch
 
 NAME = "speculative_verify"
+OP = NAME  # its entry in ptcore.ops.dispatch.OPS
 TITLE = "speculative verification, one call (sampled drafts)"
 SIZE_KEYS = ("B", "K", "V")
 DEFAULT_SIZES = {"cpu": {"B": 8, "K": 5, "V": 151936}, "cuda": {"B": 64, "K": 5, "V": 151936}}
@@ -42,15 +43,15 @@ def flops(s: dict) -> int:
 
 
 def reference(device: str, dtype: torch.dtype) -> str:
-    return f"ptcore[{dispatch.resolve(torch.device(device), dtype)}]"
+    return f"ptcore[{dispatch.resolve(torch.device(device), dtype, op=OP)}]"
 
 
 def cases(device: str, dtype: torch.dtype) -> list[tuple[str, str | None]]:
     out = [(BASELINE, None)]
     for b in (("triton", "cuda", "torch") if device == "cuda" else ("cpu", "torch")):
-        out.append((f"ptcore[{b}]", dispatch.cannot_run(b, torch.device(device), dtype)))
+        out.append((f"ptcore[{b}]", dispatch.cannot_run(b, torch.device(device), dtype, op=OP)))
     if device == "cpu":
-        out.append(("ptcore[cpu] + checks", dispatch.cannot_run("cpu", torch.device(device), dtype)))
+        out.append(("ptcore[cpu] + checks", dispatch.cannot_run("cpu", torch.device(device), dtype, op=OP)))
     out.append(("eager PyTorch", None))
     return out
 

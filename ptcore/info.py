@@ -29,7 +29,9 @@ def report() -> str:
         lines.append(f"  {name:<7} {'available' if why is None else 'unavailable: ' + why}")
     lines.append(f"cpu kernels: {_ext.cpu_variant_text()}")  # which ISA variant of ptcore._C, and why
     forced = dispatch.requested_backend()
-    lines.append(f"forced backend: {forced or 'none (CUDA tensors: triton > cuda > torch; CPU tensors: cpu > torch)'}")
+    lines.append(f"forced backend: {forced or 'none (' + dispatch.preference_text() + ')'}")
+    lines.append("ops (backend: yes / no (why) | the tensors it takes; conditions [source]):")
+    lines += dispatch.table_lines()
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ import torch
 import ptcore
 from ptcore.ops import (BackendUnavailable, copy_pages, paged_attention_decode, paged_attention_extend,
                         write_kv)
-from ptcore.ops import paged_backends
+from ptcore.ops import dispatch, paged_backends
 from tests.conftest import cpu_backends
 from tests.reference import rel_err
 
@@ -248,25 +248,30 @@ def dispatch_why(backend):
     return dispatch.cannot_run(backend, torch.device("cpu"), torch.float32)
 
 
+def _pick(q, page_size, tree_mask):
+    return dispatch.resolve(q.device, q.dtype, op="paged_attention_decode", page_size=page_size,
+                            tree_mask=tree_mask is not None)
+
+
 def test_default_backend_on_cpu_and_forcing():
     c = make_case(16, 2, 2, 16, [5], [1])
     expected = "cpu" if paged_backends._cpu_kernel() is not None else "torch"
-    assert paged_backends.pick(c["q"], 16, None) == expected
+    assert _pick(c["q"], 16, None) == expected
     with ptcore.use_backend("torch"):
-        assert paged_backends.pick(c["q"], 16, None) == "torch"
+        assert _pick(c["q"], 16, None) == "torch"
     with ptcore.use_backend("cuda"), pytest.raises(BackendUnavailable, match="flash-attn"):
         decode("cuda", c)
 
 
 def test_flash_attn_backend():
-    why = paged_backends.flash_why_not(torch.empty(1, 1, 16, device="cuda" if torch.cuda.is_available() else "cpu",
-                                                   dtype=torch.float16), 256, None)
+    why = dispatch.cannot_run("flash_attn", torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                              torch.float16, op="paged_attention_decode", page_size=256, tree_mask=False)
     if why is not None:
         pytest.skip(f"flash-attn backend: {why}")
     c = make_case(256, 2, 2, 64, [300, 5], [1, 1], dtype=torch.float16)
     c = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
     c["k_cache"], c["v_cache"] = c["k_cache"].nan_to_num(), c["v_cache"].nan_to_num()
-    out = decode("cuda", c).cpu()
+    out = decode("flash_attn", c).cpu()
     cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
     ref = reference(cpu)
     assert rel_err(out, ref) <= rel_err(reference(cpu, dtype=torch.float16), ref) + 1e-2

@@ -134,8 +134,8 @@ def scatter_rows(idx: torch.Tensor | None, n: int, sub: torch.Tensor) -> torch.T
 # Under torch.compile these run once at trace time and their results are baked into the graph
 # (no graph break): a backend or chunk budget changed later applies to new compilations.
 @torch.compiler.assume_constant_result
-def _resolve(device: torch.device, dtype: torch.dtype) -> str:
-    return dispatch.resolve(device, dtype)
+def _resolve(device: torch.device, dtype: torch.dtype, op: str) -> str:
+    return dispatch.resolve(device, dtype, op=op)
 
 
 @torch.compiler.assume_constant_result
@@ -144,6 +144,6 @@ def _chunk_rows(vocab: int, itemsize: int) -> int:
     return chunking.chunk_rows(1 << 62, vocab, itemsize)
 
 
-def head_plan(input: torch.Tensor, weight: torch.Tensor) -> tuple[str, int]:
-    """(backend, rows per chunk) for an LM-head op on these tensors."""
-    return _resolve(input.device, input.dtype), _chunk_rows(weight.shape[0], input.element_size())
+def head_plan(input: torch.Tensor, weight: torch.Tensor, op: str) -> tuple[str, int]:
+    """(backend, rows per chunk) for the LM-head op ``op`` (a key of dispatch.OPS) on these tensors."""
+    return _resolve(input.device, input.dtype, op), _chunk_rows(weight.shape[0], input.element_size())

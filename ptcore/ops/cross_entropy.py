@@ -210,7 +210,7 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     zl = checks.number(OP, "z_loss", z_loss, low=0.0)
     checks.choice(OP, "reduction", reduction, REDUCTIONS)
 
-    backend, chunk = head_plan(input, weight)
+    backend, chunk = head_plan(input, weight, OP)
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1)
     grad_on = torch.is_grad_enabled()

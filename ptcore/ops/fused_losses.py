@@ -282,7 +282,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
         normalizer = default_normalizer(loss_type, mask)
     acc = acc_dtype(hidden.dtype)
     norm = torch.as_tensor(normalizer, dtype=acc, device=hidden.device).reshape(())
-    backend, chunk = head_plan(hidden, weight)
+    backend, chunk = head_plan(hidden, weight, op)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and p is not None and p.requires_grad for p in (hidden, weight, bias)]
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
@@ -402,7 +402,7 @@ def linear_dpo_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, 
     interleave = lambda c, r: torch.stack([c, r], dim=1).reshape(2 * B, *c.shape[1:])
     hidden = interleave(pad(chosen_hidden, 0.0), pad(rejected_hidden, 0.0))
     target = interleave(pad(chosen_target, ignore_index), pad(rejected_target, ignore_index))
-    backend, chunk = head_plan(hidden, weight)
+    backend, chunk = head_plan(hidden, weight, op)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and p is not None and p.requires_grad for p in (hidden, weight, bias)]
     loss, seq_logps, *_ = _dpo_op(hidden, weight, target, bias, ref_chosen_logps, ref_rejected_logps,

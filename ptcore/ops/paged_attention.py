@@ -9,11 +9,11 @@
   (tree-speculative verification);
 - :func:`copy_pages`: whole pages on every layer of a pool (copy-on-write of a shared page).
 
-Backends (ptcore/ops/dispatch.py): ``cpu`` (C++ OpenMP, csrc/cpu/paged_attention.cpp) for CPU
-tensors, ``triton`` (kernels/paged_attention.py) and flash-attn's ``flash_attn_with_kvcache``
-(forced with ``use_backend("cuda")``; chosen automatically on CUDA tensors when installed and the
-page size is a multiple of 256) for CUDA tensors, and ``torch`` (ptcore/ops/paged_reference.py),
-the reference, on any device. Conventions (GQA head order, softcap, rows that see nothing) are in
+Backends (chosen by ptcore/ops/dispatch.py): ``cpu`` (C++ OpenMP, csrc/cpu/paged_attention.cpp)
+for CPU tensors, ``triton`` (kernels/paged_attention.py) and ``flash_attn`` (flash-attn's
+``flash_attn_with_kvcache`` / ``flash_attn_varlen_func``; chosen first on CUDA tensors when installed,
+the dtype is fp16/bf16, the page size a multiple of 256 and there is no tree mask) for CUDA tensors,
+and ``torch`` (ptcore/ops/paged_reference.py), the reference, on any device. Conventions (GQA head order, softcap, rows that see nothing) are in
 paged_reference.py.
 
 Argument errors name the argument: shapes, dtypes and devices raise here; the data-dependent
@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from ptcore.ops import checks
+from ptcore.ops import checks, dispatch
 from ptcore.ops import paged_backends as backends
 from ptcore.ops.paged_reference import copy_pages_torch, write_kv_torch
 
@@ -125,7 +125,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return torch.empty_like(q)
     q, k_cache, v_cache, block_table = (_contiguous_rows(t) for t in (q, k_cache, v_cache, block_table))
     seq_lens = seq_lens.contiguous()
-    backend = backends.pick(q, k_cache.shape[1], tree_mask=None)
+    backend = dispatch.resolve(q.device, q.dtype, op=op, page_size=k_cache.shape[1], tree_mask=False)
     if backend != "cpu" and q.device.type == "cpu":
         _check_data(op, block_table, seq_lens, None, k_cache.shape[0], k_cache.shape[1], decode=True)
     return backends.DECODE[backend](q, k_cache, v_cache, block_table, seq_lens, scale=scale, softcap=softcap)
@@ -174,7 +174,7 @@ def paged_attention_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         tree_mask = tree_mask.contiguous()
     q, k_cache, v_cache, block_table = (_contiguous_rows(t) for t in (q, k_cache, v_cache, block_table))
     seq_lens, cu_seqlens_q = seq_lens.contiguous(), cu_seqlens_q.contiguous()
-    backend = backends.pick(q, k_cache.shape[1], tree_mask=tree_mask)
+    backend = dispatch.resolve(q.device, q.dtype, op=op, page_size=k_cache.shape[1], tree_mask=tree_mask is not None)
     if q.device.type == "cpu" and backend != "cpu":
         cu = cu_seqlens_q.long()
         q_lens = cu[1:] - cu[:-1]

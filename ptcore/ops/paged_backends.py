@@ -1,16 +1,15 @@
-"""The backends of the paged attention ops and the choice among them (arguments already checked by
-ptcore/ops/paged_attention.py; contiguous last dims).
+"""The backends of the paged attention ops (arguments already checked by
+ptcore/ops/paged_attention.py; contiguous last dims). The choice among them is
+:func:`ptcore.ops.dispatch.resolve`'s (its table: ``OPS["paged_attention_decode"]`` / ``_extend``).
 
 ``torch``: ptcore/ops/paged_reference.py. ``cpu``: ``ptcore._C.paged_attention`` (pointers, numels,
 sizes and strides in; it checks the data again). ``triton``: kernels/paged_attention.py.
-``cuda``: flash-attn's paged kernels (``flash_attn_with_kvcache`` for decode,
+``flash_attn``: flash-attn's paged kernels (``flash_attn_with_kvcache`` for decode,
 ``flash_attn_varlen_func`` with a block table for extend), which need fp16/bf16 CUDA tensors, a
-page size that is a multiple of 256 and no tree mask; otherwise the automatic choice falls back
-to triton, then torch.
+page size that is a multiple of 256 and no tree mask (the automatic choice then takes triton, then
+torch; forcing it raises).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -18,57 +17,10 @@ from ptcore import _ext
 from ptcore.ops import dispatch
 from ptcore.ops.paged_reference import decode_torch, extend_torch
 
-FLASH_PAGE_MULTIPLE = 256
-
-
-@functools.cache
-def _flash_attn():
-    try:
-        import flash_attn
-        return flash_attn, None
-    except Exception as e:  # ImportError, or a build for another torch / CUDA
-        return None, f"flash-attn is not installed or cannot load ({type(e).__name__}: {e})"
-
-
-def flash_why_not(q: torch.Tensor, page_size: int, tree_mask) -> str | None:
-    """None when flash-attn can run these paged attention arguments, else why not."""
-    if q.device.type != "cuda":
-        return f"flash-attn takes CUDA tensors, got {q.device}"
-    mod, why = _flash_attn()
-    if mod is None:
-        return why
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"flash-attn takes float16/bfloat16, got {q.dtype}"
-    if page_size % FLASH_PAGE_MULTIPLE:
-        return f"flash-attn's block table needs a page size that is a multiple of {FLASH_PAGE_MULTIPLE}, got {page_size}"
-    if tree_mask is not None:
-        return "flash-attn has no arbitrary tree mask"
-    return None
-
 
 def _cpu_kernel():
     mod = _ext.cpu_module()
     return None if mod is None else getattr(mod, "paged_attention", None)
-
-
-def pick(q: torch.Tensor, page_size: int, tree_mask) -> str:
-    """'torch', 'cpu', 'triton' or 'cuda' (flash-attn) for these arguments."""
-    forced = dispatch.requested_backend()
-    if forced == "cuda" or (forced is None and q.device.type == "cuda"):
-        why = flash_why_not(q, page_size, tree_mask)
-        if why is None:
-            return "cuda"
-        if forced == "cuda":
-            raise dispatch.BackendUnavailable(f"ptcore backend 'cuda' (flash-attn for paged attention) was requested but cannot run: {why}")
-    name = dispatch.resolve(q.device, q.dtype)
-    if name == "cuda":  # no ptcore CUDA kernel of its own for these ops
-        name = "triton" if dispatch.cannot_run("triton", q.device, q.dtype) is None else "torch"
-    if name == "cpu" and _cpu_kernel() is None:
-        if forced == "cpu":
-            raise dispatch.BackendUnavailable("ptcore backend 'cpu' was requested but ptcore._C has no "
-                                              "paged_attention (rebuild: pip install -e . --no-build-isolation)")
-        name = "torch"
-    return name
 
 
 # ---- cpu ----
@@ -122,7 +74,7 @@ def extend_triton(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, s
 # ---- flash-attn (CUDA) ----
 
 def decode_flash(q, k_cache, v_cache, block_table, seq_lens, *, scale, softcap):
-    fa = _flash_attn()[0]
+    fa = dispatch.flash_attn_module()
     out = fa.flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=seq_lens,
                                      block_table=block_table, softmax_scale=scale, causal=True,
                                      softcap=softcap)
@@ -130,7 +82,7 @@ def decode_flash(q, k_cache, v_cache, block_table, seq_lens, *, scale, softcap):
 
 
 def extend_flash(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale, softcap, tree_mask, max_q=None):
-    fa = _flash_attn()[0]
+    fa = dispatch.flash_attn_module()
     cu_k = torch.zeros(seq_lens.shape[0] + 1, dtype=torch.int32, device=q.device)
     cu_k[1:] = torch.cumsum(seq_lens, 0)
     q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
@@ -141,5 +93,5 @@ def extend_flash(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, sc
                                      softcap=softcap, block_table=block_table)
 
 
-DECODE = {"torch": decode_torch, "cpu": decode_cpu, "triton": decode_triton, "cuda": decode_flash}
-EXTEND = {"torch": extend_torch, "cpu": extend_cpu, "triton": extend_triton, "cuda": extend_flash}
+DECODE = {"torch": decode_torch, "cpu": decode_cpu, "triton": decode_triton, "flash_attn": decode_flash}
+EXTEND = {"torch": extend_torch, "cpu": extend_cpu, "triton": extend_triton, "flash_attn": extend_flash}

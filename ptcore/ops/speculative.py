@@ -285,7 +285,7 @@ def speculative_verify(draft_tokens: torch.Tensor, draft_probs: Optional[torch.T
     if B == 0:
         return num_acc, emitted
     u, e = _draw(B, K, V, device, generator, greedy)
-    backend = resolve(device, target_probs.dtype)
+    backend = resolve(device, target_probs.dtype, op=OP)
     VERIFY[backend](tokens, lens, None if greedy else _unit_stride(draft_probs), _unit_stride(target_probs),
                     u, e, greedy, num_acc, emitted)
     return num_acc, emitted
@@ -376,13 +376,6 @@ def verify_tree_cpu(tokens, parents, draft_probs, target_probs, u, e, greedy, nu
 VERIFY_TREE = {"torch": verify_tree_torch, "cpu": verify_tree_cpu}
 
 
-def _tree_backend(device, dtype):
-    """cpu on CPU tensors (the torch reference when forced or unavailable); torch elsewhere (no
-    triton / cuda tree kernel yet: a forced one falls back to the reference, as documented)."""
-    backend = resolve(device, dtype)
-    return backend if backend in VERIFY_TREE else "torch"
-
-
 def speculative_verify_tree(tree_tokens: torch.Tensor, parents: torch.Tensor,
                             draft_probs: Optional[torch.Tensor], target_probs: torch.Tensor, *,
                             greedy: bool = False, generator: Optional[torch.Generator] = None,
@@ -443,7 +436,7 @@ def speculative_verify_tree(tree_tokens: torch.Tensor, parents: torch.Tensor,
     if B == 0:
         return num_acc, emitted, path
     u, e = _draw(B, N, V, device, generator, greedy)
-    backend = _tree_backend(device, target_probs.dtype)
+    backend = resolve(device, target_probs.dtype, op=OP_TREE)  # cpu or torch: no triton / cuda tree kernel
     VERIFY_TREE[backend](tokens, parents, None if greedy else _unit_stride(draft_probs),
                          _unit_stride(target_probs), u, e, greedy, num_acc, emitted, path)
     return num_acc, emitted, path
