@@ -531,3 +531,108 @@ def test_extend_no_sequences_cu_checked_on_every_backend(backend):
     with pytest.raises(ValueError, match="cu_seqlens_q"):
         extend(backend, c)
     assert extend(backend, {**c, "cu_seqlens_q": torch.zeros(1, dtype=torch.int32)}).shape == (0, 4, 8)
+
+
+# ---- the Triton kernels themselves: flash-decoding splits and extend tiles (interpreter: tiny sizes) ----
+
+def _triton_kernels():
+    why = dispatch_why("triton")
+    if why:
+        pytest.skip(f"backend triton: {why}")
+    from ptcore import _ext
+    _ext.triton_kernels()
+    from ptcore.kernels import paged_attention as kernels
+    return kernels
+
+
+def _kernel_decode(K, c, splits, **opts):
+    D = c["q"].shape[-1]
+    return K.paged_attention_decode(c["q"], c["k_cache"], c["v_cache"], c["block_table"], c["seq_lens"],
+                                    scale=opts.get("scale", 1 / math.sqrt(D)), softcap=opts.get("softcap"),
+                                    num_splits=splits)
+
+
+@pytest.mark.parametrize("page_size", [1, 5, 16])
+def test_triton_decode_splits_match_float64(page_size):
+    """Several key splits per (sequence, KV head) merged by log-sum-exp: lengths 1 (every split but
+    the first empty), on and off page and split boundaries (splits are multiples of 16 keys here),
+    GQA 1/2/4 (the group padded to 16 tl.dot rows), head dims 64 and 80 (80 padded to 128), shuffled
+    pages, NaN in every slot no sequence owns."""
+    K = _triton_kernels()
+    S = page_size
+    lens = [1, 16, 17, 33, 2 * S + 1, 47]
+    for G, D, splits in [(1, 64, 2), (2, 80, 3), (4, 64, 5), (4, 80, 64)]:
+        c = make_case(S, 2, G, D, lens, [1] * len(lens))
+        capacity = c["block_table"].shape[1] * S
+        used, chunk = K.decode_splits(len(lens), 2, capacity, c["q"].device, splits)
+        # equal chunks of whole 16-key blocks: at most `splits` of them, none wholly past the table
+        assert 1 < used <= splits and chunk % 16 == 0 and (used - 1) * chunk < capacity <= used * chunk
+        out = _kernel_decode(K, c, splits)
+        assert out.shape == c["q"].shape and torch.isfinite(out).all()
+        assert rel_err(out, reference(c)) < 1e-5, (G, D, splits)
+
+
+def test_triton_decode_wide_table_softcap_and_one_split():
+    """A block table much wider than any sequence: most splits lie past the end (lse -inf, weight
+    0); softcap and scale go through the splits; one split writes the output directly; the split
+    count changes only the last bits."""
+    K = _triton_kernels()
+    c = make_case(4, 2, 4, 24, [1, 9, 30], [1, 1, 1])
+    wide = torch.full((3, 40), -1, dtype=torch.int32)
+    wide[:, :c["block_table"].shape[1]] = c["block_table"]
+    c["block_table"] = wide  # 160 positions: 10 splits of 16, the sequences reach 2 at most
+    opts = dict(softcap=2.0, scale=0.4)
+    ref = reference(c, **opts)
+    outs = [_kernel_decode(K, c, s, **opts) for s in (1, 10)]
+    for out in outs:
+        assert rel_err(out, ref) < 1e-5
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_triton_decode_default_splits_through_the_op():
+    """The op's default split count (CPU: aims at 8 programs) on one sequence: 4 splits here."""
+    K = _triton_kernels()
+    c = make_case(16, 2, 2, 64, [70], [1])
+    assert K.decode_splits(1, 2, c["block_table"].shape[1] * 16, c["q"].device)[0] == 4
+    assert rel_err(decode("triton", c), reference(c)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_triton_decode_splits_low_precision(dtype):
+    """fp16 caches through the split path (tl.dot on fp16 tiles, fp32 partials) against the naive
+    fp16 computation + 1e-2; fp32 at 1e-5."""
+    K = _triton_kernels()
+    c = make_case(16, 2, 4, 80, [1, 40, 17, 64], [1] * 4, dtype=dtype)
+    out = _kernel_decode(K, c, 4)
+    assert out.dtype == dtype
+    ref = reference(c)
+    bound = rel_err(reference(c, dtype=dtype), ref) + 1e-2 if dtype == torch.float16 else 1e-5
+    assert rel_err(out, ref) <= bound
+
+
+def test_triton_extend_max_q_bound():
+    """max_q exact or any upper bound gives the same bits as computing it (the extra row blocks
+    exit at once); a tree mask too."""
+    K = _triton_kernels()
+    for tree in (False, True):
+        c = make_case(4, 2, 2, 80, [5, 21, 40, 3], [2, 21, 19, 0], tree=tree)
+        args = [c[n] for n in ("q", "k_cache", "v_cache", "block_table", "seq_lens", "cu_seqlens_q")]
+        outs = [K.paged_attention_extend(*args, scale=0.3, softcap=None, tree_mask=c["tree_mask"], max_q=m)
+                for m in (None, 21, 40, 1000)]
+        for out in outs[1:]:
+            assert torch.equal(out, outs[0])
+        ref = reference(c, scale=0.3)
+        assert rel_err(outs[0], ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extend_max_q_checked(backend):
+    """The op's max_q: the longest q_len or more is fine on every backend; less, or not an int >= 0,
+    is a ValueError naming it (CPU tensors)."""
+    c = make_case(4, 2, 2, 8, [10, 12], [4, 5])
+    ref = reference(c)
+    for m in (5, 9):
+        assert rel_err(extend(backend, c, max_q=m), ref) < 1e-5
+    for m in (4, 0, -1, True, 5.0):
+        with pytest.raises(ValueError, match="max_q"):
+            extend(backend, c, max_q=m)
