@@ -73,3 +73,106 @@ def test_nan_logits_poison_the_row_not_hide():
         with ptcore.use_backend(backend):
             loss = linear_cross_entropy(x, torch.randn(6, 4), torch.tensor([1, 2, 3]), reduction="none")
         assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all(), backend
+
+
+# ---- issue 18: silent wrong answers become errors, or the reference's NaN ----
+
+def _paged(nan_at=None):
+    q = torch.randn(2, 2, 4)
+    if nan_at is not None:
+        q[nan_at] = float("nan")
+    k, v = torch.randn(4, 4, 1, 4), torch.randn(4, 4, 1, 4)
+    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    return q, k, v, bt, torch.tensor([5, 3], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_paged_attention_nan_query_gives_nan_not_zeros(backend):
+    from ptcore.ops import paged_attention_decode, paged_attention_extend
+    if backend == "cpu":
+        pytest.importorskip("ptcore._C", reason="ptcore._C is not built")
+    q, k, v, bt, sl = _paged(nan_at=(0, 0, 1))
+    with ptcore.use_backend(backend):
+        out = paged_attention_decode(q, k, v, bt, sl)
+        ext = paged_attention_extend(q, k, v, bt, sl, torch.tensor([0, 1, 2], dtype=torch.int32))
+        big = paged_attention_decode(q.nan_to_num() * 1e20, k * 1e20, v, bt, sl, scale=1e30)
+    for o in (out, ext):
+        assert torch.isnan(o[0, 0]).all() and torch.isfinite(o[0, 1]).all() and torch.isfinite(o[1]).all()
+    with ptcore.use_backend("torch"):
+        ref = paged_attention_decode(q.nan_to_num() * 1e20, k * 1e20, v, bt, sl, scale=1e30)
+    assert torch.equal(torch.isnan(big), torch.isnan(ref)) and torch.isnan(big).any()
+
+
+@pytest.mark.parametrize("kw, name", [(dict(scale=1e300), "'scale'"), (dict(softcap=1e300), "'softcap'"),
+                                      (dict(softcap=1e-300), "'softcap'"), (dict(scale=float("inf")), "'scale'")])
+def test_paged_attention_rejects_scale_softcap_outside_float32(kw, name):
+    from ptcore.ops import paged_attention_decode
+    q, k, v, bt, sl = _paged()
+    with pytest.raises(ValueError, match=name):
+        paged_attention_decode(q, k, v, bt, sl, **kw)
+
+
+def test_group_advantages_inf_reward_raises():
+    from ptcore.ops import group_advantages
+    for bad in (float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match=r"'rewards'\[2\] is -?inf"):
+            group_advantages(torch.tensor([1.0, 2.0, bad, 0.0]), 4)
+    out = group_advantages(torch.tensor([1.0, 2.0, float("nan"), 0.0]), 4)  # NaN: missing
+    assert torch.isfinite(out).all() and out[2] == 0
+
+
+def test_dpo_orpo_positive_logp_and_extreme_beta():
+    from ptcore.ops import dpo_loss
+    one = torch.ones(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="'policy_chosen_logps'.*not a log-probability"):
+        dpo_loss(torch.tensor([0.5]), torch.tensor([-1.0]), loss_type="orpo", chosen_lengths=one,
+                 rejected_lengths=one)
+    z = torch.tensor([-1.0])
+    with pytest.raises(ValueError, match="'beta'"):
+        dpo_loss(z, z, z, z, beta=1e300)
+    with pytest.raises(ValueError, match="'beta'"):
+        dpo_loss(z, z, z, z, beta=1e-300, loss_type="ipo", chosen_lengths=one, rejected_lengths=one)
+    assert torch.isfinite(dpo_loss(z, z - 1, z, z, beta=1e6).loss)  # the largest beta: finite
+
+
+def test_policy_normalizer_outside_float32_is_rejected():
+    from ptcore.ops import policy_loss
+    args = (torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), torch.ones(1, 2))
+    for bad in (1e-300, 1e300, torch.tensor(1e-300, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="'normalizer'"):
+            policy_loss(*args, normalizer=bad)
+    assert float(policy_loss(*args, normalizer=0.5).loss) == pytest.approx(-2 / 0.5)  # dapo: sum / norm
+
+
+def test_write_kv_into_an_expanded_cache_is_rejected():
+    from ptcore.ops import copy_pages, write_kv
+    k = torch.zeros(1, 4, 1, 2).expand(3, 4, 1, 2)
+    with pytest.raises(ValueError, match="'k_cache' has overlapping memory"):
+        write_kv(k, torch.zeros(3, 4, 1, 2), torch.tensor([0]), torch.ones(1, 1, 2), torch.ones(1, 1, 2))
+    pool = torch.zeros(2, 3, 4, 1, 2)
+    with pytest.raises(ValueError, match="'v_pool' has overlapping memory"):
+        copy_pages(pool, pool[:, :1].expand(2, 3, 4, 1, 2), torch.tensor([0]), torch.tensor([1]))
+    kc = torch.zeros(3, 4, 1, 2)
+    write_kv(kc, torch.zeros(3, 4, 1, 2), torch.tensor([5]), torch.ones(1, 1, 2), torch.ones(1, 1, 2))
+    assert kc.sum() == 2 and kc[1, 1].sum() == 2
+
+
+@pytest.mark.parametrize("impl", ["RadixCache", "RadixModel"])
+def test_radix_slot_ids_are_bounded_so_pages_fit_int64(impl):
+    from ptcore.cache import RadixCache
+    from tests.radix_oracle import RadixModel
+    cache = (RadixCache if impl == "RadixCache" else RadixModel)(page_size=3)
+    top = 2**63 - 2  # a page start (divisible by 3), whose page would end at 2**63
+    with pytest.raises(ValueError, match=r"slots\[\d\] = \d+ lies in a page whose last slot is past 2\*\*63 - 1"):
+        cache.insert([1, 2], [top, top + 1])
+    ok = top - 3
+    cache.insert([1, 2, 3], [ok, ok + 1, ok + 2])
+    assert cache.owned_slots() == [ok, ok + 1, ok + 2] and cache.evict(3) == [ok, ok + 1, ok + 2]
+
+
+def test_radix_cpp_layer_bounds_slots_too():
+    C = pytest.importorskip("ptcore._C", reason="ptcore._C is not built")
+    from array import array
+    c = C.RadixCache(3)
+    with pytest.raises(ValueError, match="past 2\\*\\*63 - 1"):
+        c.insert(array("q", [1, 2]), array("q", [2**63 - 2, 2**63 - 1]))

@@ -313,6 +313,20 @@ struct Kernel {
     } else {
       for (int64_t kk = std::max<int64_t>(0, prefix + j + 1 - p0); kk < nk; ++kk) s[kk] = neg_inf;
     }
+    // A NaN or +inf score (a NaN query, or an overflowing scale or softcap) makes the row's
+    // softmax NaN, as in the reference: the row is marked (l = NaN) and stays so; its output is
+    // NaN, never zeros that look like "saw nothing".
+    if (w.l[r] != w.l[r]) {
+      std::fill(s, s + nk, A(0));
+      return;
+    }
+    bool poison = false;
+    for (int64_t kk = 0; kk < nk; ++kk) poison |= !(s[kk] < std::numeric_limits<A>::infinity()) && s[kk] != neg_inf;
+    if (poison) {
+      w.l[r] = std::numeric_limits<A>::quiet_NaN();
+      std::fill(s, s + nk, A(0));
+      return;
+    }
     A mt = neg_inf;
 #if defined(__AVX512F__)
     if constexpr (kFloat) {
@@ -446,7 +460,8 @@ struct Kernel {
   void write_row(int64_t b, int64_t g, int64_t j0, int64_t r, const A* acc, A l) const {
     const int64_t t = q_start(a, b) + j0 + r / G, h = g * G + r % G;
     T* dst = static_cast<T*>(a.out) + (t * a.q_heads + h) * D;
-    const A inv = l > 0 ? A(1) / l : A(0);  // a row that saw nothing is zeros
+    // a row that saw nothing is zeros; a NaN-marked row (see softmax_step) is NaN
+    const A inv = l > 0 ? A(1) / l : (l == l ? A(0) : l);
     for (int64_t d = 0; d < D; ++d) store(dst[d], acc[d] * inv);
   }
 
@@ -458,7 +473,11 @@ struct Kernel {
       for (int64_t i = 0; i < gr.count; ++i) m = std::max(m, part_m[(gr.first + i) * G + r]);
       A l = 0;
       std::fill(acc, acc + D, A(0));
-      if (m != neg_inf) {
+      for (int64_t i = 0; i < gr.count; ++i) {  // a NaN-marked partial marks the whole row
+        const A pl = part_l[(gr.first + i) * G + r];
+        if (pl != pl) l = pl;
+      }
+      if (l == l && m != neg_inf) {
         for (int64_t i = 0; i < gr.count; ++i) {
           const int64_t k = (gr.first + i) * G + r;
           if (part_m[k] == neg_inf) continue;

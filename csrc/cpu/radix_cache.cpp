@@ -2,6 +2,7 @@
 #include "ptcore/radix_cache.h"
 
 #include <algorithm>
+#include <limits>
 #include <queue>
 #include <stdexcept>
 #include <string>
@@ -188,6 +189,11 @@ int64_t RadixCache::insert(const int64_t* tokens, const int64_t* slots, int64_t 
   for (int64_t d = 0; d < n; ++d) {
     const int64_t s = slots[d];
     if (s < 0) throw std::invalid_argument("slots[" + str(d) + "] = " + str(s) + " is negative");
+    // Every slot of the page must be an int64 (evict / owned_slots list them all).
+    if (s / P > (std::numeric_limits<int64_t>::max() - (P - 1)) / P)
+      throw std::invalid_argument("slots[" + str(d) + "] = " + str(s) + " lies in a page whose last slot is past "
+                                  "2**63 - 1 (page_size " + str(P) + ": slots must be <= " +
+                                  str(((std::numeric_limits<int64_t>::max() - (P - 1)) / P) * P + P - 1) + ")");
     if (s % P != d % P)
       throw std::invalid_argument("slots[" + str(d) + "] = " + str(s) + " is not page-aligned: slot % page_size = " +
                                   str(s % P) + " but position % page_size = " + str(d % P) +

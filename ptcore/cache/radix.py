@@ -88,9 +88,16 @@ def check_slots(tokens, slots, page_size: int) -> None:
     n, m = len(tokens), len(slots)
     if n != m:
         raise ValueError(f"tokens and slots must have the same length, got {n} and {m}")
-    if page_size == 1 or n == 0:
+    if n == 0:
         return
-    s = np.frombuffer(slots, dtype=np.int64) if isinstance(slots, array) else slots
+    s = np.frombuffer(slots, dtype=np.int64) if isinstance(slots, array) else np.asarray(slots)
+    top = int(s.max())
+    if top > max_slot(page_size):
+        i = int(np.argmax(s))
+        raise ValueError(f"slots[{i}] = {top} lies in a page whose last slot is past 2**63 - 1 "
+                         f"(page_size {page_size}: slots must be <= {max_slot(page_size)})")
+    if page_size == 1:
+        return
     pos, first = _page_layout(n, page_size)
     if not np.array_equal(s % page_size, pos):
         i = int(np.flatnonzero(s % page_size != pos)[0])
@@ -102,6 +109,12 @@ def check_slots(tokens, slots, page_size: int) -> None:
         i = int(np.flatnonzero(pages != pages[first])[0])
         raise ValueError(f"slots[{i - 1}] and slots[{i}] ({int(s[i - 1])}, {int(s[i])}) lie in different "
                          f"pages but positions {i - 1} and {i} share a logical page (page_size {page_size})")
+
+
+def max_slot(page_size: int) -> int:
+    """The largest slot id whose whole page (every slot of it) is an int64: the slot space is
+    bounded so that evict / owned_slots never overflow (RadixCache::insert checks the same)."""
+    return ((2**63 - 1 - (page_size - 1)) // page_size) * page_size + page_size - 1
 
 
 def check_count(value, name: str) -> int:
@@ -163,6 +176,12 @@ class RadixCache:
         s = int64_array(slots, "slots")
         if len(t) != len(s):
             raise ValueError(f"tokens and slots must have the same length, got {len(t)} and {len(s)}")
+        arr = np.frombuffer(s, dtype=np.int64) if isinstance(s, array) else np.asarray(s)
+        if len(arr) and int(arr.max()) > max_slot(self.page_size):  # one vectorized pass
+            i = int(np.argmax(arr))
+            raise ValueError(f"slots[{i}] = {int(arr[i])} lies in a page whose last slot is past "
+                             f"2**63 - 1 (page_size {self.page_size}: slots must be <= "
+                             f"{max_slot(self.page_size)})")
         # Page alignment, page consistency and page ownership: one C++ pass (ValueError, same
         # messages as check_slots), three times cheaper than the same checks in numpy.
         return self._c.insert(t, s)

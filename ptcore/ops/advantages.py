@@ -5,6 +5,9 @@ leaves a choice:
 
 * A NaN reward is left out of every statistic (its group's, and the batch's for ``scale="batch"``
   and reinforce_pp) and gets advantage 0.
+* A ``±inf`` reward is an error (a broken reward function, not a missing reward; it would make
+  its whole group ``-inf``/NaN): ``ValueError`` naming ``'rewards'`` and its index for CPU
+  tensors. On an accelerator, where raising would need a host sync, it is left out like NaN.
 * A group whose valid rewards are all equal (or that has no valid reward) gets exactly 0
   advantages with every estimator; with reinforce_pp its members still count in the batch
   whitening statistics.
@@ -96,7 +99,13 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None, *,
 
     acc = _acc(rewards)
     r = rewards.to(acc)
-    valid = ~torch.isnan(r)
+    if r.device.type == "cpu" and not torch.compiler.is_compiling():
+        inf = torch.isinf(r)
+        if bool(inf.any()):
+            i = int(inf.nonzero()[0, 0])
+            raise ValueError(f"{op}: 'rewards'[{i}] is {float(r[i])}; a reward must be finite "
+                             "(NaN marks a missing one)")
+    valid = torch.isfinite(r)  # NaN (and, off the CPU, ±inf) = missing
     r0 = torch.where(valid, r, 0)
     zeros = r.new_zeros(G)
     cnt = zeros.index_add(0, ids, valid.to(acc))

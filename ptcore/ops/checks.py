@@ -39,6 +39,40 @@ def number(op: str, name: str, value, *, low=None, high=None, low_open=False) ->
     return v
 
 
+def representable(op: str, name: str, value: float, dtype: torch.dtype, *, reciprocal: bool = False,
+                   what: str = "") -> float:
+    """Raises when a finite Python float leaves the range of ``dtype`` (the dtype the op computes
+    in): above its max it would become inf there, a nonzero value below its smallest normal
+    would flush to 0 or lose its digits; ``reciprocal``: ``1 / value`` must fit too."""
+    fi = torch.finfo(dtype)
+    a = abs(value)
+    if a > fi.max or (a != 0 and a < fi.tiny) or (reciprocal and a != 0 and 1 / a > fi.max):
+        raise ValueError(f"{op}: '{name}' = {value!r} is outside the range the op computes in "
+                         f"({dtype}: magnitudes in [{fi.tiny:.3g}, {fi.max:.3g}]"
+                         + (", and so must its reciprocal" if reciprocal else "") + f"){what}")
+    return value
+
+
+def no_overlap(op: str, name: str, t: torch.Tensor) -> None:
+    """Raises for a tensor written in place whose elements may share memory (an ``expand``-ed or
+    stride-0 view, or strides that interleave): one write would land on several positions."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
+    span = 1  # elements spanned by the smaller-stride dimensions
+    for st, sz in dims:
+        if st < span:
+            raise ValueError(f"{op}: '{name}' has overlapping memory (shape {tuple(t.shape)}, strides "
+                             f"{tuple(t.stride())}: an expanded or stride-0 view?); it is written in "
+                             "place, so it needs memory of its own (e.g. .contiguous())")
+        span = st * (sz - 1) + span
+
+
+def flag(op: str, name: str, value) -> bool:
+    """A bool option: True or False only (a string like "no" is truthy and would be read as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: '{name}' must be True or False, got {value!r}")
+    return value
+
+
 def choice(op: str, name: str, value, options) -> None:
     if value not in options:
         raise ValueError(f"{op}: '{name}' must be one of {tuple(options)}, got {value!r}")

@@ -269,6 +269,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
         if value is not None and (not isinstance(value, torch.Tensor) or value.shape != target.shape):
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"{op}: '{name}' must have the shape of 'target' {tuple(target.shape)}, got {got}")
+    checks.tensor(op, "old_logps", old_logps, ndim=2, dtypes=checks.FLOAT_DTYPES)  # before the
+    # stand-in below, which would call it 'logps'
     checks.tensor(op, "advantages", advantages)
     checks.same_device(op, "hidden", hidden, mask=mask, old_logps=old_logps, ref_logps=ref_logps,
                        advantages=advantages)

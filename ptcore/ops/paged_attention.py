@@ -92,6 +92,12 @@ def _check_attention(op, q, k_cache, v_cache, block_table, seq_lens, scale, soft
                          f"{seq_lens.shape[0]} sequences")
     scale = 1.0 / math.sqrt(D) if scale is None else checks.number(op, "scale", scale)
     softcap = 0.0 if softcap is None else checks.number(op, "softcap", softcap, low=0.0, low_open=True)
+    # the kernels compute in float32 (float64 for float64): a scale or softcap (or 1 / softcap)
+    # beyond that range would be inf (or 0) there
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    checks.representable(op, "scale", scale, acc)
+    if softcap:
+        checks.representable(op, "softcap", softcap, acc, reciprocal=True)
     return scale, softcap
 
 
@@ -209,6 +215,8 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
     checks.tensor(op, "v", v, ndim=3)
     checks.same_device(op, "k_cache", k_cache, v_cache=v_cache, slots=slots, k=k, v=v)
     P, S, Hkv, D = k_cache.shape
+    checks.no_overlap(op, "k_cache", k_cache)  # an expanded cache would take every write at once
+    checks.no_overlap(op, "v_cache", v_cache)
     for name, t in (("k", k), ("v", v)):
         if t.shape != (slots.shape[0], Hkv, D):
             raise ValueError(f"{op}: '{name}' must be [T, Hkv, D] = {(slots.shape[0], Hkv, D)}, got {tuple(t.shape)}")
@@ -241,6 +249,8 @@ def copy_pages(k_pool: torch.Tensor, v_pool: torch.Tensor, src: torch.Tensor, ds
     checks.same_device(op, "k_pool", k_pool, v_pool=v_pool, src=src, dst=dst)
     if src.shape != dst.shape:
         raise ValueError(f"{op}: 'src' has {src.shape[0]} pages but 'dst' has {dst.shape[0]}")
+    checks.no_overlap(op, "k_pool", k_pool)
+    checks.no_overlap(op, "v_pool", v_pool)
     if src.shape[0] == 0:
         return
     P = k_pool.shape[1]

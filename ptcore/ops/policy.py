@@ -93,6 +93,13 @@ def _normalizer(value, default, acc, device):
             raise ValueError(f"{OP}: 'normalizer' must be a finite number >= 0, got {float(value)}")
     else:
         checks.number(OP, "normalizer", value, low=0, low_open=True)
+        # a positive normalizer that flushes to 0 in the math's dtype would be read as "no
+        # tokens" (treated as 1), and one that overflows would zero the loss: both rejected
+        checks.representable(OP, "normalizer", float(value), acc)
+    if isinstance(value, torch.Tensor) and value.device.type == "cpu" and not torch.compiler.is_compiling():
+        v = float(value)
+        if v != 0:
+            checks.representable(OP, "normalizer", v, acc)
     value = torch.as_tensor(value, dtype=acc, device=device)
     return torch.where(value == 0, torch.ones_like(value), value)
 

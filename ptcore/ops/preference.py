@@ -18,6 +18,10 @@ Conventions picked where the reference leaves a choice (§1):
   ``orpo_lambda``.
 * The batch loss is the mean over pairs (0 for an empty batch); a list of loss types gives
   ``sum_k w_k * mean_batch(loss_k)``.
+* ``beta`` must be at most ``MAX_BETA`` (1e6): beyond it ``beta * (rc - rr)`` overflows float32
+  for ordinary log-prob sums and the losses turn NaN; ipo and sppo_hard need ``1 / (2 beta)``
+  finite in the computation dtype too. orpo needs log-probs ``<= 0`` (probabilities): a positive
+  one has no odds (``log(1 - p)`` of ``p > 1``) and raises for CPU tensors.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_
 LENGTH_NORMALIZED = ("ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
 EXO_DEFAULT_SMOOTHING = 1e-3
+MAX_BETA = 1e6
 
 
 class PreferenceLossOutput(NamedTuple):
@@ -150,11 +155,14 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
             raise ValueError(f"{OP}: 'loss_weights' must be a list with one weight per loss type "
                              f"({len(kinds)}), got {loss_weights!r}")
         weights = [checks.number(OP, "loss_weights", w) for w in loss_weights]
-    beta = checks.number(OP, "beta", beta, low=0)
+    beta = checks.number(OP, "beta", beta, low=0, high=MAX_BETA)
     for k in ("ipo", "sppo_hard"):
         if k in kinds and beta == 0:
             raise ValueError(f"{OP}: 'beta' must be > 0 for loss_type '{k}' (target 1/(2 beta)), "
                              f"got {beta}")
+        if k in kinds:
+            checks.representable(OP, "beta", 2 * beta, torch.float32, reciprocal=True,
+                                 what=f" (loss_type '{k}' targets 1/(2 beta))")
     e = checks.number(OP, "label_smoothing", label_smoothing, low=0)
     e_max = 0.5 if "robust" in kinds else 1.0
     if e >= e_max:
@@ -181,6 +189,13 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
             _check_lengths(name, t, pc)
     if chosen_nll is not None:
         _check_vector("chosen_nll", chosen_nll, "policy_chosen_logps", pc)
+
+    if ("orpo" in kinds and pc.device.type == "cpu" and not torch.compiler.is_compiling()):
+        for name, t in (("policy_chosen_logps", pc), ("policy_rejected_logps", policy_rejected_logps)):
+            if t.numel() and bool((t > 0).any()):
+                i = int((t > 0).nonzero()[0, 0])
+                raise ValueError(f"{OP}: '{name}'[{i}] = {float(t[i])} > 0 is not a log-probability; "
+                                 "orpo's odds log(p / (1 - p)) need p <= 1")
 
     given = [pc, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_nll]
     acc = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in given) \
