@@ -256,7 +256,11 @@ def test_reward_model_scorer_bad_token_leaks_nothing():
     with pytest.raises(ValueError, match="outside"):
         scorer([good, bad])
     _no_running(rm)
-    assert scorer([good])[0] == scorer([good])[0]
+    with torch.no_grad():  # afterwards the scorer still scores right: a plain HF forward
+        z = rm.hf_model(torch.tensor([PROMPT + [1, 2]])).logits[0, -1].double()
+    want = float(torch.softmax(z[[DIGIT, 8]], 0)[0])
+    assert scorer([good])[0] == pytest.approx(want, rel=1e-5)
+    assert scorer([good])[0] == pytest.approx(want, rel=1e-5)  # again, from its cache
     _no_running(rm)
 
 
