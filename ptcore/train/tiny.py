@@ -1,4 +1,5 @@
-"""The embedded model: a tiny Llama-architecture config and a character-level tokenizer.
+"""The embedded model: a tiny Llama-architecture config and a character-level tokenizer (a
+Hugging Face fast tokenizer over a ``tokenizers`` word-level model of single characters).
 
 Everything here runs with no download, so ``ptcore sft|dpo|grpo --model tiny`` and ``ptcore demo``
 work from a fresh install. ``load_model_and_tokenizer`` also opens directories ptcore saved and any
@@ -8,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
+import jinja2
 import torch
-from transformers import BatchEncoding, LlamaConfig
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 TOKENIZER_FILE = "ptcore_tokenizer.json"
 
@@ -21,235 +25,90 @@ TOKENIZER_FILE = "ptcore_tokenizer.json"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>")
 CHARACTERS = "\n" + "".join(chr(c) for c in range(32, 127))
 
-# Same output as CharTokenizer._render_chat, for tools that render chat templates with Jinja.
+# bos, then <|role|>content</s> per message; the {% generation %} span (an assistant's content and
+# the eos ending its turn, what the model must learn to emit) is return_assistant_tokens_mask's.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + "
-    "message['content'] + eos_token }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ('system', 'user', 'assistant') or message['content'] is not string %}"
+    "{{ raise_exception('conversation[' ~ loop.index0 ~ ']: needs role in system/user/assistant and "
+    "str content, got ' ~ message) }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token }}"
+    "{% endgeneration %}{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
-class CharTokenizer:
-    """Character-level tokenizer with the parts of the Hugging Face tokenizer API the loops use.
+class CharTokenizer(PreTrainedTokenizerFast):
+    """Character-level tokenizer: a ``tokenizers`` word-level model over single characters, as a
+    Hugging Face fast tokenizer.
 
     One id per character (printable ASCII and newline) plus the special tokens ``<pad>`` (0),
     ``<s>`` (1, bos), ``</s>`` (2, eos) and the chat role markers. Special-token strings inside a
-    text are encoded as their single id, as Hugging Face tokenizers do. A character outside the
-    vocabulary raises ``ValueError`` naming it and its position: a character model silently
-    mapping text to an unknown id would train on corrupted data.
+    text are encoded as their single id. A character outside the vocabulary raises ``ValueError``
+    naming it and its position: a character model silently mapping text to an unknown id would
+    train on corrupted data.
     """
 
     model_input_names = ["input_ids", "attention_mask"]
 
     def __init__(self, characters: str = CHARACTERS, special_tokens=SPECIAL_TOKENS, *,
-                 padding_side: str = "right", model_max_length: int = 1024):
+                 padding_side: str = "right", model_max_length: int = 1024, **unused):
         if len(set(characters)) != len(characters):
             raise ValueError("characters: every character must appear once")
         special_tokens = tuple(special_tokens)
         if special_tokens[:3] != SPECIAL_TOKENS[:3]:
             raise ValueError(f"special_tokens must start with {SPECIAL_TOKENS[:3]}, got {special_tokens[:3]}")
-        self.characters = characters
-        self.special_tokens = special_tokens
-        self._vocab = {t: i for i, t in enumerate(special_tokens)}
-        for c in characters:
-            self._vocab[c] = len(self._vocab)
-        self._inv = {i: t for t, i in self._vocab.items()}
-        # Longest first, so a longer special token wins over a prefix of it.
-        self._specials_by_len = sorted(special_tokens, key=len, reverse=True)
-        self.padding_side = padding_side
-        self.truncation_side = "right"
-        self.model_max_length = model_max_length
-        self.chat_template = CHAT_TEMPLATE
-        self.name_or_path = "tiny"
+        self.characters, self.special_tokens = characters, special_tokens
+        vocab = {t: i for i, t in enumerate(special_tokens + tuple(characters))}
+        backend = Tokenizer(models.WordLevel(vocab=vocab))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{special_tokens[1]} $A", special_tokens=[(special_tokens[1], 1)])
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+        # specials (longest first, so a longer one wins over a prefix of it) or an unknown character
+        self._unknown = re.compile("|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True))
+                                   + "|([^" + re.escape(characters) + "])")
+        super().__init__(tokenizer_object=backend, pad_token=special_tokens[0], bos_token=special_tokens[1],
+                         eos_token=special_tokens[2], extra_special_tokens=list(special_tokens[3:]),
+                         padding_side=padding_side, model_max_length=model_max_length,
+                         clean_up_tokenization_spaces=False, chat_template=CHAT_TEMPLATE, name_or_path="tiny")
 
-    # -- vocabulary -----------------------------------------------------------------------------
-    pad_token, bos_token, eos_token = SPECIAL_TOKENS[:3]
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    def __len__(self) -> int:
-        return len(self._vocab)
-
-    def get_vocab(self) -> dict[str, int]:
-        return dict(self._vocab)
-
-    @property
-    def all_special_tokens(self) -> list[str]:
-        return list(self.special_tokens)
-
-    @property
-    def all_special_ids(self) -> list[int]:
-        return [self._vocab[t] for t in self.special_tokens]
-
-    @property
-    def special_tokens_map(self) -> dict[str, str]:
-        return {"pad_token": self.pad_token, "bos_token": self.bos_token, "eos_token": self.eos_token}
-
-    def convert_tokens_to_ids(self, tokens):
-        if isinstance(tokens, str):
-            if tokens not in self._vocab:
-                raise ValueError(f"tokens: {tokens!r} is not in the vocabulary")
-            return self._vocab[tokens]
-        return [self.convert_tokens_to_ids(t) for t in tokens]
-
-    def convert_ids_to_tokens(self, ids):
-        if isinstance(ids, int):
-            return self._token(ids)
-        return [self._token(int(i)) for i in ids]
-
-    def _token(self, i: int) -> str:
-        if i not in self._inv:
-            raise ValueError(f"token id {i} is out of range [0, {self.vocab_size})")
-        return self._inv[i]
-
-    # -- encoding -------------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[str]:
-        return self.convert_ids_to_tokens(self.encode(text, add_special_tokens=False))
-
-    def encode(self, text: str, add_special_tokens: bool = True, *, truncation: bool = False,
-               max_length: int | None = None, **unused) -> list[int]:
-        """Ids of ``text``; with ``add_special_tokens`` a bos id first (as Llama tokenizers do)."""
+    def _check(self, text) -> None:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        ids = [self.bos_token_id] if add_special_tokens else []
-        i, n = 0, len(text)
-        while i < n:
-            if text[i] == "<":
-                special = next((s for s in self._specials_by_len if text.startswith(s, i)), None)
-                if special is not None:
-                    ids.append(self._vocab[special])
-                    i += len(special)
-                    continue
-            c = text[i]
-            tid = self._vocab.get(c)
-            if tid is None:
-                raise ValueError(f"text: character {c!r} (U+{ord(c):04X}) at position {i} is not in "
-                                 "the character tokenizer's vocabulary (printable ASCII and newline)")
-            ids.append(tid)
-            i += 1
-        if truncation and max_length is not None and len(ids) > max_length:
-            ids = ids[:max_length] if self.truncation_side == "right" else ids[-max_length:]
-        return ids
+        bad = next((m for m in self._unknown.finditer(text) if m.group(1) is not None), None)
+        if bad is not None:
+            c = bad.group(1)
+            raise ValueError(f"text: character {c!r} (U+{ord(c):04X}) at position {bad.start()} is not in "
+                             "the character tokenizer's vocabulary (printable ASCII and newline)")
 
-    def __call__(self, text, text_pair=None, *, add_special_tokens: bool = True, padding=False,
-                 truncation: bool = False, max_length: int | None = None, return_tensors=None,
-                 padding_side: str | None = None, return_attention_mask: bool = True, **unused):
-        """Hugging Face style: a str or a list of str -> BatchEncoding(input_ids, attention_mask)."""
+    def encode(self, text, add_special_tokens: bool = True, **kwargs) -> list[int]:
+        """Ids of ``text``, with a bos id first for ``add_special_tokens`` (as Llama tokenizers do;
+        it is the second positional argument: there are no text pairs)."""
+        return super().encode(text, add_special_tokens=add_special_tokens, **kwargs)
+
+    def _encode_plus(self, text, text_pair=None, **kwargs):
         if text_pair is not None:
             raise ValueError("text_pair: the character tokenizer does not encode pairs")
-        single = isinstance(text, str)
-        texts = [text] if single else list(text)
-        ids = [self.encode(t, add_special_tokens, truncation=truncation, max_length=max_length)
-               for t in texts]
-        masks = [[1] * len(x) for x in ids]
-        if padding or return_tensors is not None:
-            ids, masks = self._pad(ids, masks, padding, max_length, padding_side or self.padding_side)
-        data = {"input_ids": ids[0] if single and return_tensors is None else ids}
-        if return_attention_mask:
-            data["attention_mask"] = masks[0] if single and return_tensors is None else masks
-        return BatchEncoding(data, tensor_type=return_tensors)
+        for t in [text] if isinstance(text, str) or not isinstance(text, (list, tuple)) else text:
+            self._check(t)
+        return super()._encode_plus(text, **kwargs)
 
-    def _pad(self, ids, masks, padding, max_length, side):
-        if side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
-        target = max((len(x) for x in ids), default=0)
-        if padding == "max_length":
-            if max_length is None:
-                raise ValueError("padding='max_length' needs max_length")
-            target = max_length
-        elif not padding and len({len(x) for x in ids}) > 1:
-            raise ValueError("return_tensors needs sequences of one length: pass padding=True")
-        out_ids, out_masks = [], []
-        for x, m in zip(ids, masks):
-            pad = target - len(x)
-            if side == "right":
-                out_ids.append(x + [self.pad_token_id] * pad)
-                out_masks.append(m + [0] * pad)
-            else:
-                out_ids.append([self.pad_token_id] * pad + x)
-                out_masks.append([0] * pad + m)
-        return out_ids, out_masks
+    def _decode(self, token_ids, *args, **kwargs) -> str:
+        for i in [token_ids] if isinstance(token_ids, int) else token_ids:
+            if not 0 <= i < len(self):
+                raise ValueError(f"token id {i} is out of range [0, {len(self)})")
+        return super()._decode(token_ids, *args, **kwargs)
 
-    # -- decoding -------------------------------------------------------------------------------
-    def decode(self, ids, skip_special_tokens: bool = False, **unused) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        if isinstance(ids, int):
-            ids = [ids]
-        special = set(self.all_special_ids) if skip_special_tokens else set()
-        return "".join(self._token(int(i)) for i in ids if int(i) not in special)
+    def apply_chat_template(self, conversation, **kwargs):
+        """Hugging Face's, with the template's validation errors as ``ValueError``."""
+        try:
+            return super().apply_chat_template(conversation, **kwargs)
+        except jinja2.TemplateError as e:
+            raise ValueError(str(e)) from e
 
-    def batch_decode(self, sequences, skip_special_tokens: bool = False, **unused) -> list[str]:
-        if isinstance(sequences, torch.Tensor):
-            sequences = sequences.tolist()
-        return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
-
-    # -- chat -----------------------------------------------------------------------------------
-    def _render_chat(self, messages, add_generation_prompt: bool, continue_final_message: bool):
-        """Pieces (text, is_assistant_content) of: bos, then <|role|>content</s> per message."""
-        pieces = [(self.bos_token, False)]
-        for k, msg in enumerate(messages):
-            role, content = msg.get("role"), msg.get("content")
-            if role not in ("system", "user", "assistant") or not isinstance(content, str):
-                raise ValueError(f"conversation[{k}]: needs role in system/user/assistant and str "
-                                 f"content, got {msg!r}")
-            last = k == len(messages) - 1
-            pieces.append((f"<|{role}|>", False))
-            pieces.append((content, role == "assistant"))
-            if not (last and continue_final_message):
-                # the eos ending an assistant turn is part of what the model must learn to emit
-                pieces.append((self.eos_token, role == "assistant"))
-        if add_generation_prompt:
-            if continue_final_message:
-                raise ValueError("add_generation_prompt and continue_final_message are exclusive")
-            pieces.append(("<|assistant|>", False))
-        return pieces
-
-    def apply_chat_template(self, conversation, *, add_generation_prompt: bool = False,
-                            continue_final_message: bool = False, tokenize: bool = True,
-                            padding=False, truncation: bool = False, max_length: int | None = None,
-                            return_tensors=None, return_dict: bool = True,
-                            return_assistant_tokens_mask: bool = False, **unused):
-        """Like transformers 5: a string with ``tokenize=False``; else a BatchEncoding (input_ids,
-        attention_mask, and ``assistant_masks`` on request) or, with ``return_dict=False``, ids."""
-        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
-        convs = conversation if batched else [conversation]
-        rendered = [self._render_chat(c, add_generation_prompt, continue_final_message) for c in convs]
-        if not tokenize:
-            texts = ["".join(t for t, _ in p) for p in rendered]
-            return texts if batched else texts[0]
-        ids, amasks = [], []
-        for pieces in rendered:
-            seq, am = [], []
-            for text, is_assistant in pieces:
-                x = self.encode(text, add_special_tokens=False)
-                seq += x
-                am += [int(is_assistant)] * len(x)
-            if truncation and max_length is not None:
-                seq, am = seq[:max_length], am[:max_length]
-            ids.append(seq)
-            amasks.append(am)
-        if not return_dict:
-            if return_tensors is not None:
-                ids, _ = self._pad(ids, [[1] * len(x) for x in ids], padding, max_length,
-                                   self.padding_side)
-                return BatchEncoding({"input_ids": ids}, tensor_type=return_tensors)["input_ids"]
-            return ids if batched else ids[0]
-        masks = [[1] * len(x) for x in ids]
-        if padding or return_tensors is not None:
-            side = self.padding_side
-            (ids, masks), (amasks, _) = (self._pad(ids, masks, padding, max_length, side),
-                                         self._pad(amasks, masks, padding, max_length, side))
-        data = {"input_ids": ids, "attention_mask": masks}
-        if return_assistant_tokens_mask:
-            data["assistant_masks"] = amasks
-        if not batched and return_tensors is None:
-            data = {k: v[0] for k, v in data.items()}
-        return BatchEncoding(data, tensor_type=return_tensors)
-
-    # -- persistence ----------------------------------------------------------------------------
+    # -- persistence: one small JSON file (the tokenizer is defined by these few fields) ---------
     def save_pretrained(self, save_directory, **unused) -> tuple[str]:
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
@@ -277,9 +136,6 @@ class CharTokenizer:
             raise ValueError(f"{file}: not a valid ptcore tokenizer file ({e})") from e
         tok.name_or_path = str(path)
         return tok
-
-    def __repr__(self) -> str:
-        return f"CharTokenizer(vocab_size={self.vocab_size}, padding_side={self.padding_side!r})"
 
 
 def tiny_config(**overrides) -> LlamaConfig:
