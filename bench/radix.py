@@ -1,7 +1,8 @@
 """RadixCache operations per second: ``match_prefix`` then ``insert`` of N random sequences that
 share prefixes (a few long "system prompts", then branches off earlier sequences, then random
 tails), into an empty cache, with ptcore's C++ tree (through its Python wrapper, argument checks
-included), with the brute-force Python model the property tests use (RadixModel), and, for
+included), with the brute-force Python model the property tests use (RadixModel, the oracle in
+tests/radix_oracle.py: the benchmark runs from the checkout), and, for
 scale, with a plain Python radix tree (PythonTrie below: no checks, locks or eviction).
 
 The interface is bench/registry.py's. This is not a FLOP benchmark: ``flops`` counts operations
@@ -23,7 +24,8 @@ import time
 
 import torch
 
-from ptcore.cache import RadixCache, RadixModel
+from ptcore.cache import RadixCache
+from tests.radix_oracle import RadixModel
 
 NAME = "radix_cache"
 TITLE = "RadixCache match_prefix + insert"
@@ -35,7 +37,7 @@ UNIT = "op"
 BASELINE = "python model"
 REPEATS = {"cpu": 3, "cuda": 3}
 NOTES = {"ptcore[cpp]": "C++ trie (csrc/cpu/radix_cache.cpp) through ptcore.cache.RadixCache",
-         "python model": "ptcore.cache.RadixModel: brute force, every operation scans all nodes",
+         "python model": "tests/radix_oracle.py RadixModel: brute force, every operation scans all nodes",
          "python trie": "a plain Python radix tree (dict of children, no checks, no locks): for scale"}
 VOCAB = 32000
 

@@ -421,23 +421,21 @@ def test_tree_mask_must_see_itself_and_stay_in_its_sequence():
     engine.forward([a, b], [[7, 8], [9]], tree_mask=ok)
 
 
-def test_runs_on_the_python_radix_model_without_the_compiled_module(monkeypatch):
-    """Without ptcore._C the engine warns and falls back to the Python model of the radix cache:
-    same tokens as with the C++ tree."""
+def test_without_the_compiled_module_the_engine_raises_a_clear_error(monkeypatch):
+    """The engine's paged cache needs ptcore._C (its C++ radix tree; every install builds it):
+    without it, Engine and PagedCache raise RuntimeError naming ptcore._C and the reinstall
+    command, instead of silently running on a Python model."""
     from ptcore import _ext
-    from ptcore.cache import RadixModel
+    from ptcore.cache import KVPool, PagedCache
 
     model = tiny_model("llama")
-    prompts = [[5, 6, 7, 8, 9], [5, 6, 7, 1]]
-    params = SamplingParams(max_new_tokens=6, temperature=0)
-    want = [c[0].tokens for c in Engine(model, page_size=4).generate(prompts, params)]
     monkeypatch.setattr(_ext, "cpu_module", lambda: None)
-    with pytest.warns(RuntimeWarning, match="Python RadixModel"):
-        engine = Engine(model, page_size=4)
-    assert isinstance(engine.cache.radix, RadixModel)
-    assert [c[0].tokens for c in engine.generate(prompts, params)] == want
-    assert [c[0].tokens for c in engine.generate(prompts, params)] == want
-    assert engine.last_stats.tokens_cached > 0  # the second call reused the first call's prefixes
+    pattern = r"needs the compiled module ptcore\._C .*pip install -e \. --no-build-isolation"
+    with pytest.raises(RuntimeError, match=pattern):
+        Engine(model, page_size=4)
+    pool = KVPool(num_layers=1, num_pages=4, page_size=4, num_kv_heads=1, head_dim=8)
+    with pytest.raises(RuntimeError, match=pattern):
+        PagedCache(pool)
 
 
 # ---- min_new_tokens (Hugging Face's meaning) ----

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import ptcore
-from ptcore.cache import CacheFull, KVPool, PagedCache, RadixCache, RadixModel
+from ptcore.cache import CacheFull, KVPool, PagedCache, RadixCache
+from tests.radix_oracle import RadixModel
 
 
 def kv_value(prefix) -> float:

@@ -1,4 +1,4 @@
-"""ptcore.cache.RadixCache (C++) against the brute-force RadixModel under random sequences of
+"""ptcore.cache.RadixCache (C++) against the brute-force RadixModel (tests/radix_oracle.py) under random sequences of
 start (match + lock + page allocation with copy-on-write) / finish (insert + unlock) / release /
 evict / match / bad input, at page sizes 1 and 4, with the invariants of docs/ttc.md §1 checked
 after every step: every page is free, held by the tree, or owned by exactly one running sequence;
@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ptcore import _ext
-from ptcore.cache import RadixCache, RadixModel
+from ptcore.cache import RadixCache
+from tests.radix_oracle import RadixModel
 
 VOCAB = 3  # a small vocabulary makes shared prefixes and splits frequent
 

@@ -20,21 +20,25 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ptcore import _ext
 from ptcore.cache.pool import CacheFull, KVPool
 from ptcore.cache.radix import RadixCache, check_count, int64_array
 
+REINSTALL = "pip install -e . --no-build-isolation"
 
-def default_radix(page_size: int):
-    """The C++ RadixCache; where ptcore._C cannot load, the Python model of the same semantics
-    (slow on large trees, but the engine still runs), with a warning that says why."""
-    try:
-        return RadixCache(page_size)
-    except RuntimeError as err:
-        import warnings
-        warnings.warn(f"{err}; using the Python RadixModel instead (same results, slower)", RuntimeWarning,
-                      stacklevel=3)
-        from ptcore.cache.radix_model import RadixModel
-        return RadixModel(page_size)
+
+def default_radix(page_size: int) -> RadixCache:
+    """The C++ RadixCache. It needs ptcore._C, which every install builds; without it the paged
+    cache (and so the engine) cannot run: RuntimeError naming ptcore._C, why it did not load, and
+    the reinstall command (never a silent fallback)."""
+    mod = _ext.cpu_module()
+    if mod is None or not hasattr(mod, "RadixCache"):
+        why = ((_ext.why_not("cpu") or "ptcore._C did not load") if mod is None
+               else "ptcore._C has no RadixCache (an older build)")
+        hint = "" if REINSTALL in why else f"; reinstall ptcore with `{REINSTALL}`"
+        raise RuntimeError(f"PagedCache (the engine's KV cache) needs the compiled module ptcore._C for its radix "
+                           f"tree, and it is missing: {why}{hint}")
+    return RadixCache(page_size)
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -168,7 +168,7 @@ class Engine:
         num_pages = -(-max_cached_tokens // page_size)
         self.pool = KVPool(self.model.num_layers, num_pages, page_size, self.model.num_kv_heads,
                            self.model.head_dim, dtype=self.dtype, device=self.device)
-        self.cache = PagedCache(self.pool)  # the C++ radix tree (its Python model where ptcore._C is missing)
+        self.cache = PagedCache(self.pool)  # the C++ radix tree: RuntimeError naming ptcore._C where it is missing
         self.stats = EngineStats()
         self.last_stats = EngineStats()
         self._recordings: list[Recording] = []

@@ -1,5 +1,8 @@
-"""``RadixModel``: a brute-force Python model of :class:`ptcore.cache.RadixCache`, the oracle of
-the property tests and the baseline of ``bench/radix.py``.
+"""``RadixModel``: a brute-force Python model of :class:`ptcore.cache.RadixCache` (the C++ trie),
+the oracle of the property tests (tests/test_radix_cache.py, tests/test_paged_cache.py) and the
+baseline of ``bench/radix.py``. It lives with the tests, not in the package: the engine and the
+paged cache always use the C++ tree (ptcore._C, which every install builds) and raise when it is
+missing.
 
 Same interface and same semantics, down to node ids, access ticks and eviction order, but no
 index: nodes sit in a flat dict and every operation scans all of them (each node stores its whole
