@@ -598,8 +598,9 @@ struct Kernel {
     const int64_t n_items = int64_t(items.size()), n_groups = int64_t(groups.size());
     const int64_t max_rows = (std::min<int64_t>(block, std::max<int64_t>(1, a.tokens)) * G + 3) / 4 * 4;
     const Kernel& self = *this;
-    // Threads only for calls of more than ~50 us of work: below that, waking the pool (and, on a
-    // machine with more runnable processes than cores, waiting for a descheduled thread) costs more.
+    // Threads only for calls with enough work to amortize them: below that, waking the pool (and,
+    // on a machine with more runnable processes than cores, waiting for a descheduled thread) costs
+    // more than the split saves.
     const bool threaded = work > 4e5 && n_items > 1;
     int nthreads = 1;
 #if defined(_OPENMP)
