@@ -9,8 +9,11 @@
 #        pip download -d .whl transformers      (the HF patch, loops and engine; no torch inside)
 #        pip download --no-deps -d .whl trl accelerate datasets   (the TRL rows of the loop benchmarks)
 #      Without them the benchmark prints "skipped: <package> not installed" for those rows.
-#   2. python -m ptcore info          3. pytest -q tests -k "cuda or triton or gpu"
-#   4. the GPU kernels' benchmarks (CUDA defaults: N=8192 H=2048 V=131072 bf16 for the LM heads):
+#   2. pytest tests/test_gpu.py: every op on CUDA tensors on each GPU backend against the float64
+#      oracle (paged decode/extend/write_kv/copy_pages, speculative verify chain and tree, the
+#      LM-head ops and fused losses), first, so that a short run still answers "is it right"
+#   3. python -m ptcore info          4. pytest -q tests -k "cuda or triton or gpu" (the rest)
+#   5. the GPU kernels' benchmarks (CUDA defaults: N=8192 H=2048 V=131072 bf16 for the LM heads):
 #      linear_cross_entropy, linear_logprobs, linear_policy_loss (GRPO), linear_dpo_loss,
 #      paged_attention_decode/extend, speculative_verify, then loop_sft/dpo/grpo and
 #      ttc_best_of_n, each table printed as soon as its
@@ -56,11 +59,16 @@ $PY -c "import matplotlib, tqdm, psutil, pytest, pytest_benchmark" 2>/dev/null \
 # --no-deps: torch, triton and numpy are the machine's own; never let pip replace them.
 step 180 "build ptcore (CUDA)" env PTCORE_CUDA=1 $PY -m pip install -q --no-deps --no-build-isolation -e .
 
+section "GPU oracle tests (tests/test_gpu.py)"
+# -rs prints why anything skipped (flash-attn not installed, say); the first call of each Triton
+# kernel shape compiles and autotunes its configs, most of this step's time on a bare machine.
+step 240 "GPU oracle tests" $PY -m pytest -q -rs tests/test_gpu.py
+
 section "ptcore info"
 step 60 "ptcore info" $PY -m ptcore info
 
 section "GPU tests"
-step 120 "GPU tests" $PY -m pytest -q tests -k "cuda or triton or gpu"
+step 120 "GPU tests" $PY -m pytest -q tests -k "cuda or triton or gpu" --ignore tests/test_gpu.py
 
 section "benchmark suite (CUDA defaults)"
 # --timeout: a hung case is reported as failed and the table still prints. About 25 cases, each a
