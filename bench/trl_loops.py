@@ -138,7 +138,7 @@ def ptcore_step(kind, s, dtype, device):
     if kind == "sft":
         from ptcore.train.sft import SFTObjective
         obj = SFTObjective(sft_examples(recs, tok, cfg.max_length), tok, cfg, packing=True)
-        cfg.batch_size = len(obj.items)  # the packed rows of the B examples: all of them per step
+        cfg.batch_size = s["B"]  # examples per micro-batch (as TRL's), packed into rows: all B per step
     elif kind == "dpo":
         from ptcore.train.dpo import DPOObjective
         obj = DPOObjective(pair_examples(recs, tok, cfg.max_length), tok, cfg, beta=0.1)

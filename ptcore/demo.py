@@ -49,7 +49,7 @@ class DemoSettings:
     sft_target: float = 0.7
     sft_chunk: int = 50
     sft_max_steps: int = 1500
-    sft_rows: int = 8             # packed rows of sft_max_length tokens per step (~70 examples)
+    sft_batch: int = 72           # examples per step (14 tokens each: 8 packed rows of 128 tokens)
     sft_max_length: int = 128
     sft_lr: float = 3e-3
     sft_warmup: int = 50
@@ -69,7 +69,7 @@ DEMO_TASKS = {"addition": AdditionTask(digits=3, pad=True), "countdown": TASKS["
 FULL = DemoSettings()
 QUICK = DemoSettings(model=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2),
                      n_train=500, n_val=20, n_eval=40, eval_samples=2, n_ttc=16, max_samples=8,
-                     sft_chunk=3, sft_max_steps=6, sft_rows=2, sft_warmup=2, sft_eval_every=3,
+                     sft_chunk=3, sft_max_steps=6, sft_batch=18, sft_warmup=2, sft_eval_every=3,
                      grpo_steps=2, grpo_prompts=4, grpo_group=4, grpo_warmup=0, grpo_eval_every=1)
 
 
@@ -246,7 +246,7 @@ def run_demo(output="ptcore-demo", task_name="addition", settings: DemoSettings 
     step, val_curve = 0, []
     while step < s.sft_max_steps:
         step = min(step + s.sft_chunk, s.sft_max_steps)
-        sft_cfg = TrainConfig(output_dir=str(out / "sft"), max_steps=step, batch_size=s.sft_rows,
+        sft_cfg = TrainConfig(output_dir=str(out / "sft"), max_steps=step, batch_size=s.sft_batch,
                               lr=s.sft_lr, warmup_steps=s.sft_warmup, min_lr_ratio=1.0,
                               max_length=s.sft_max_length, seed=seed, save_every=s.sft_chunk,
                               keep_checkpoints=10 ** 6, resume=True, progress=progress,

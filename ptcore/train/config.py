@@ -22,8 +22,9 @@ class TrainConfig:
     Args:
         output_dir: where ``metrics.jsonl``, ``checkpoints/`` and ``final/`` go.
         max_steps: optimizer steps.
-        batch_size: examples per micro-batch on each rank (SFT with packing: packed rows of
-            ``max_length`` tokens; DPO: pairs; GRPO: prompts, each with ``group_size`` completions).
+        batch_size: examples per micro-batch on each rank (SFT: examples, packed or not -- with
+            packing, each micro-batch's examples go into rows of ``max_length`` tokens, as TRL
+            counts them; DPO: pairs; GRPO: prompts, each with ``group_size`` completions).
         grad_accum: micro-batches per optimizer step on each rank. The global batch of a step is
             ``batch_size * grad_accum * world_size`` examples, and the loss is normalized by the
             global count over all of them, so any split gives the same step.

@@ -1,6 +1,7 @@
 """Supervised fine-tuning: completion-only cross-entropy, fused through ptcore.patch.
 
-Examples are packed into rows of ``max_length`` tokens by default. Position ids restart at every
+``batch_size`` counts examples per micro-batch, packed or not (as TRL's does); by default each
+micro-batch's examples are packed into rows of ``max_length`` tokens. Position ids restart at every
 example and no attention mask is passed, from which transformers (>= 5) builds a block-diagonal
 causal mask for sdpa / eager attention, and flash-attn (``flash_attention_2``, used on a GPU when
 installed) runs varlen; labels are -100 on each example's first token, so nothing crosses from one
@@ -36,9 +37,8 @@ class SFTObjective(BaseObjective):
 
     def __init__(self, examples, tokenizer, config: TrainConfig, *, packing: bool = True):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.packing, self.pad_id = packing, pad
-        items = D.pack(examples, config.max_length, pad) if packing else list(examples)
-        super().__init__(items, config)
+        self.packing, self.pad_id, self.max_length = packing, pad, config.max_length
+        super().__init__(list(examples), config)  # items are examples: batch_size counts them
 
     def prepare_model(self, model) -> None:
         super().prepare_model(model)
@@ -46,10 +46,11 @@ class SFTObjective(BaseObjective):
             use_flash_attention(model)
 
     def collate(self, items) -> dict:
-        if self.packing:
-            batch = {k: torch.tensor([r[k] for r in items]) for k in ("input_ids", "labels", "position_ids")}
+        if self.packing:  # this micro-batch's examples, packed into rows of max_length tokens
+            rows = D.pack(items, self.max_length, self.pad_id)
+            batch = {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "labels", "position_ids")}
             batch["attention_mask"] = None  # transformers derives the block-diagonal mask from positions
-            tokens = sum(r["num_tokens"] for r in items)
+            tokens = sum(r["num_tokens"] for r in rows)
         else:
             b = D.pad_examples(items, self.pad_id)
             batch = {k: torch.tensor(v) for k, v in b.items()}
