@@ -176,3 +176,99 @@ def test_radix_cpp_layer_bounds_slots_too():
     c = C.RadixCache(3)
     with pytest.raises(ValueError, match="past 2\\*\\*63 - 1"):
         c.insert(array("q", [1, 2]), array("q", [2**63 - 2, 2**63 - 1]))
+
+
+# ---- issue 18: errors that name the argument (were AttributeError, RuntimeError from the
+# custom-op schema, ZeroDivisionError, OverflowError, an allocator error, or silently accepted) ----
+
+def _x():
+    return torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+
+
+def _pl(**kw):
+    from ptcore.ops import policy_loss
+    args = dict(logps=torch.zeros(1, 4), old_logps=torch.zeros(1, 4), advantages=torch.ones(1),
+                mask=torch.ones(1, 4))
+    args.update(kw)
+    return policy_loss(args.pop("logps"), args.pop("old_logps"), args.pop("advantages"), args.pop("mask"), **args)
+
+
+def _lpl(**kw):
+    from ptcore.ops import linear_policy_loss
+    args = dict(hidden=torch.randn(1, 4, 8), weight=torch.randn(10, 8), target=torch.zeros(1, 4, dtype=torch.long),
+                old_logps=torch.zeros(1, 4), advantages=torch.ones(1), mask=torch.ones(1, 4))
+    args.update(kw)
+    pos = [args.pop(k) for k in ("hidden", "weight", "target", "old_logps", "advantages", "mask")]
+    return linear_policy_loss(*pos, **args)
+
+
+def _sv(**kw):
+    from ptcore.ops import speculative_verify
+    tokens = kw.pop("tokens", torch.zeros(1, 2, dtype=torch.long))
+    return speculative_verify(tokens, None, torch.full((1, 3, 10), 0.1), **kw)
+
+
+def _paged_tree_mask_list():
+    from ptcore.ops import paged_attention_extend
+    q, k, v, bt, sl = _paged()
+    return paged_attention_extend(q, k, v, bt, sl, torch.tensor([0, 1, 2], dtype=torch.int32), tree_mask=[[True]])
+
+
+@pytest.mark.parametrize("call, exc, pattern", [
+    (lambda: linear_cross_entropy(*_x(), ignore_index=2**63), ValueError, "'ignore_index' must be an int in"),
+    (lambda: ptcore.ops.linear_logprobs(*_x(), ignore_index=-2**63 - 1), ValueError, "'ignore_index'"),
+    (lambda: linear_cross_entropy(torch.randn(4, 0), torch.randn(10, 0), _x()[2]), ValueError, "'input' has H = 0"),
+    (lambda: linear_cross_entropy(*(t.to("meta") for t in _x())), ValueError, "'input' is on meta"),
+    (lambda: ptcore.ops.linear_logprobs(*_x(), return_entropy="no"), TypeError, "'return_entropy' must be True or False"),
+    (lambda: ptcore.ops.linear_logprobs(*_x(), deterministic=1), TypeError, "'deterministic'"),
+    (lambda: ptcore.ops.linear_logprobs(*_x()[:2], _x()[2].bool()), TypeError, "'target' must have dtype"),
+    (lambda: _pl(advantages=torch.tensor([True])), TypeError, "'advantages' must hold real numbers"),
+    (lambda: _pl(advantages=torch.tensor([1j])), TypeError, "'advantages' must hold real numbers"),
+    (lambda: _pl(mask=torch.ones(1, 4) * 1j), TypeError, "'mask' must hold real numbers"),
+    (lambda: _lpl(advantages=torch.tensor([True])), TypeError, "linear_policy_loss: 'advantages'"),
+    (lambda: _lpl(old_logps=torch.zeros(1, 4, dtype=torch.long)), TypeError, "linear_policy_loss: 'old_logps'"),
+    (lambda: _lpl(ref_logps=[0.0] * 4), (TypeError, ValueError), "'ref_logps'"),
+    (lambda: ptcore.ops.gae(torch.zeros(1, 3), torch.zeros(1, 3), torch.ones(1, 3) * 1j), TypeError, "'mask'"),
+    (lambda: _sv(draft_lens=[1.5]), TypeError, r"'draft_lens'\[0\] is 1.5"),
+    (lambda: _sv(draft_lens=[True]), TypeError, "'draft_lens'"),
+    (lambda: _sv(tokens=torch.zeros(1, 2, dtype=torch.bool)), TypeError, "'draft_tokens' must have dtype"),
+    (lambda: _sv(validate="no"), TypeError, "'validate' must be True or False"),
+    (_paged_tree_mask_list, TypeError, "'tree_mask' must be a torch.Tensor"),
+])
+def test_errors_name_the_argument(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_linear_dpo_loss_empty_batch_is_zero():
+    from ptcore.ops import linear_dpo_loss
+    e = torch.zeros(0, 3, dtype=torch.long)
+    out = linear_dpo_loss(torch.randn(0, 3, 8), torch.randn(0, 3, 8), torch.randn(10, 8), e, e, torch.zeros(0),
+                          torch.zeros(0))
+    assert float(out.loss) == 0.0
+
+
+@pytest.mark.parametrize("value", ["inf", "0", "-5", "nan", "lots"])
+def test_chunk_mb_env_is_checked(monkeypatch, value):
+    monkeypatch.setenv("PTCORE_CHUNK_MB", value)
+    with pytest.raises(ValueError, match="PTCORE_CHUNK_MB must be a number of MiB in"):
+        linear_cross_entropy(*_x())
+
+
+def test_seeds_search_constants_and_pool_size():
+    from ptcore.cache import KVPool
+    from ptcore.engine.sampling import SamplingParams, make_generator
+    with pytest.raises(ValueError, match="'seed' must be in"):
+        SamplingParams(seed=2**64)
+    SamplingParams(seed=2**64 - 1)
+    make_generator(2**64 - 1 + 5, "cpu")  # seed + j past 2**64 wraps as torch maps seeds
+    with pytest.raises(ValueError, match=r"'num_pages' = 1000000000000"):
+        KVPool(2, 10**12, 16, 2, 8)
+    from ptcore.ttc import mcts
+
+    class FakeEngine:  # the constants are checked before the engine is touched
+        pass
+    for kw, name in ((dict(c_base=0), "'c_base'"), (dict(c_init=float("nan")), "'c_init'"),
+                     (dict(c_base=float("nan")), "'c_base'")):
+        with pytest.raises(ValueError, match=name):
+            mcts(FakeEngine(), "x", lambda c: [0.0] * len(c), **kw)

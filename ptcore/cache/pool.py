@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import heapq
+import math
 import operator
+import os
 
 import torch
 
@@ -11,6 +13,18 @@ from ptcore.cache.radix import check_count, check_page_size
 
 class CacheFull(RuntimeError):
     """No free KV page, and nothing left that the prefix cache could evict."""
+
+
+def _device_memory(device: torch.device):
+    """Total memory of ``device`` in bytes (None where unknown)."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, RuntimeError, AssertionError):
+        pass
+    return None
 
 
 def _positive(value, name: str) -> int:
@@ -43,8 +57,18 @@ class KVPool:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"KVPool: dtype must be a floating torch.dtype, got {dtype!r}")
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        need = 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        have = _device_memory(torch.device(device) if device is not None else torch.device("cpu"))
+        if have is not None and need > have:
+            raise ValueError(f"KVPool: K and V of shape {shape} need {need / 2**30:.3g} GiB, more than the "
+                             f"device's {have / 2**30:.3g} GiB; use fewer pages ('num_pages' = {num_pages})")
+        try:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
+        except (RuntimeError, MemoryError) as e:  # the allocator's own error, which names nothing
+            self.k = self.v = None
+            raise ValueError(f"KVPool: cannot allocate K and V of shape {shape} ({need / 2**30:.3g} GiB; "
+                             f"'num_pages' = {num_pages}): {str(e).splitlines()[0][:200]}") from None
         self.num_layers, self.num_pages = num_layers, num_pages
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self._free = list(range(num_pages))  # a heap: lowest page id first

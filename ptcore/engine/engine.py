@@ -166,8 +166,12 @@ class Engine:
         self.eos_token_ids = tuple(() if eos is None else ([eos] if isinstance(eos, int) else eos))
         from ptcore.cache import KVPool, PagedCache
         num_pages = -(-max_cached_tokens // page_size)
-        self.pool = KVPool(self.model.num_layers, num_pages, page_size, self.model.num_kv_heads,
-                           self.model.head_dim, dtype=self.dtype, device=self.device)
+        try:
+            self.pool = KVPool(self.model.num_layers, num_pages, page_size, self.model.num_kv_heads,
+                               self.model.head_dim, dtype=self.dtype, device=self.device)
+        except ValueError as e:
+            raise ValueError(f"Engine: 'max_cached_tokens' = {max_cached_tokens} is too many for this "
+                             f"device: {e}") from None
         self.cache = PagedCache(self.pool)  # the C++ radix tree: RuntimeError naming ptcore._C where it is missing
         self.stats = EngineStats()
         self.last_stats = EngineStats()

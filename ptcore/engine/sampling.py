@@ -61,6 +61,8 @@ class SamplingParams:
             bad("top_p", p, "must be in (0, 1]")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             bad("seed", self.seed, "must be an int or None")
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:  # what torch.Generator takes
+            bad("seed", self.seed, "must be in [-2**63, 2**64)")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         for s in self.stop_token_ids:
@@ -93,7 +95,7 @@ def make_generator(seed: int | None, device) -> torch.Generator:
     g = torch.Generator(device=device)
     if seed is None:
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    g.manual_seed(seed)
+    g.manual_seed(seed % 2**64)  # torch's own mapping of negative seeds; seed + j may pass 2**64
     return g
 
 

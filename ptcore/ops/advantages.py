@@ -165,6 +165,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
             raise ValueError(f"{op}: '{name}' must have shape {tuple(rewards.shape)} like "
                              f"'rewards', got {tuple(t.shape)}")
         checks.same_device(op, "rewards", rewards, **{name: t})
+    checks.real(op, "values", values)
+    checks.real(op, "mask", mask, allow_bool=True)
     gamma = checks.number(op, "gamma", gamma, low=0, high=1)
     lam = checks.number(op, "lam", lam, low=0, high=1)
     acc = _acc(rewards)

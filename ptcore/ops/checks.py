@@ -12,6 +12,8 @@ def tensor(op: str, name: str, value, *, ndim: int | None = None, min_ndim: int 
            dtypes=None) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: '{name}' must be a torch.Tensor, got {type(value).__name__}")
+    if value.device.type == "meta" and not torch.compiler.is_compiling():
+        raise ValueError(f"{op}: '{name}' is on meta, a device without data to compute with")
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{op}: '{name}' must be {ndim}-D, got shape {tuple(value.shape)}")
     if min_ndim is not None and value.dim() < min_ndim:
@@ -20,8 +22,30 @@ def tensor(op: str, name: str, value, *, ndim: int | None = None, min_ndim: int 
         raise TypeError(f"{op}: '{name}' must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
 
 
+def real(op: str, name: str, value: torch.Tensor, *, allow_bool: bool = False) -> None:
+    """A tensor of real numbers (advantages, rewards, masks): complex never, bool only where a
+    mask may be one (a bool advantage would silently become 0 / 1)."""
+    if value.is_complex() or (value.dtype == torch.bool and not allow_bool):
+        raise TypeError(f"{op}: '{name}' must hold real numbers{' (or bools)' if allow_bool else ''}, "
+                        f"got dtype {value.dtype}")
+
+
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
+
+def integer(op: str, name: str, value, *, low=INT64_MIN, high=INT64_MAX) -> int:
+    """A Python int (not a bool, not a float like 1.5) in [low, high] (default: an int64)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: '{name}' must be an int, got {type(value).__name__} {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{op}: '{name}' must be an int in [{low}, {high}], got {value}")
+    return value
+
+
 def same_device(op: str, reference_name: str, reference: torch.Tensor, **others) -> None:
     for name, t in others.items():
+        if t is not None and not isinstance(t, torch.Tensor):  # checked before its own checks
+            raise TypeError(f"{op}: '{name}' must be a torch.Tensor, got {type(t).__name__}")
         if t is not None and t.device != reference.device:
             raise ValueError(f"{op}: '{name}' is on {t.device} but '{reference_name}' is on {reference.device}")
 
@@ -118,4 +142,7 @@ def lm_head(op, input, weight, target, bias, ignore_index, softcap, names=("inpu
             raise TypeError(f"{op}: 'bias' has dtype {bias.dtype} but '{xn}' has {input.dtype}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: 'ignore_index' must be an int, got {type(ignore_index).__name__}")
+    integer(op, "ignore_index", ignore_index)  # an int64, as the targets are
+    if H == 0:
+        raise ValueError(f"{op}: '{xn}' has H = 0 features (its last dim): there is nothing to project")
     return 0.0 if softcap is None else number(op, "softcap", softcap, low=0.0, low_open=True)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 
 DEFAULT_CHUNK_BYTES = 96 << 20
+MAX_CHUNK_MB = 1 << 30  # 1 PiB: beyond any memory; above it the byte count leaves int64
 _budget: contextvars.ContextVar[int | None] = contextvars.ContextVar("ptcore_chunk_bytes", default=None)
 
 
@@ -33,9 +35,13 @@ def budget_bytes() -> int:
     if nbytes is None:
         env = os.environ.get("PTCORE_CHUNK_MB")
         try:
-            nbytes = int(float(env) * (1 << 20)) if env else DEFAULT_CHUNK_BYTES
+            mib = float(env) if env else None
         except ValueError:
-            raise ValueError(f"PTCORE_CHUNK_MB must be a number of MiB, got {env!r}") from None
+            mib = math.nan
+        if mib is not None and not (math.isfinite(mib) and 0 < mib <= MAX_CHUNK_MB):
+            raise ValueError(f"PTCORE_CHUNK_MB must be a number of MiB in (0, {MAX_CHUNK_MB}], "
+                             f"got {env!r}")
+        nbytes = int(mib * (1 << 20)) if mib is not None else DEFAULT_CHUNK_BYTES
     return max(1, nbytes)
 
 

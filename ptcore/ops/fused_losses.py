@@ -272,6 +272,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
     checks.tensor(op, "old_logps", old_logps, ndim=2, dtypes=checks.FLOAT_DTYPES)  # before the
     # stand-in below, which would call it 'logps'
     checks.tensor(op, "advantages", advantages)
+    checks.real(op, "advantages", advantages)
+    checks.real(op, "mask", mask, allow_bool=True)
     checks.same_device(op, "hidden", hidden, mask=mask, old_logps=old_logps, ref_logps=ref_logps,
                        advantages=advantages)
     # policy_loss validates the options and the advantages on a stand-in batch.
@@ -331,7 +333,7 @@ def _dpo_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                        chosen_lengths=None if lengths is None else lengths[2 * p0:2 * (p0 + k):2],
                        rejected_lengths=None if lengths is None else lengths[2 * p0 + 1:2 * (p0 + k):2],
                        **opts)
-        return out.loss * (k / B)  # these pairs' share of the mean over pairs
+        return out.loss * (k / max(B, 1))  # these pairs' share of the mean over pairs (0 pairs: 0)
 
     loss, logp, _, gx, gw, gb = fused_sequence_loss(
         hidden, weight, bias, target, loss_fn, seqs_per_chunk=2 * max(1, chunk // (2 * T)),

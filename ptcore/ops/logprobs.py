@@ -178,6 +178,8 @@ def linear_logprobs(input: torch.Tensor, weight: torch.Tensor, target: torch.Ten
     """
     cap = checks.lm_head(OP, input, weight, target, bias, ignore_index, softcap)
     temp = checks.number(OP, "temperature", temperature, low=0.0, low_open=True)
+    checks.flag(OP, "return_entropy", return_entropy)  # "no" would be truthy
+    checks.flag(OP, "deterministic", deterministic)
     backend, chunk = head_plan(input, weight, OP)
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1).contiguous()  # the row kernels read targets contiguously

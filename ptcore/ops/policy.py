@@ -159,6 +159,11 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         raise ValueError(f"{OP}: 'advantages' must have shape ({B},) or ({B}, {T}) like 'logps', "
                          f"got {tuple(advantages.shape)}")
     checks.same_device(OP, "logps", logps, advantages=advantages)
+    checks.real(OP, "advantages", advantages)
+    checks.real(OP, "mask", mask, allow_bool=True)
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps), ("entropy", entropy)):
+        if t is not None:
+            checks.real(OP, name, t)
     for name, t in (("ref_logps", ref_logps), ("entropy", entropy)):
         if t is not None:
             _like(name, t, logps)

@@ -86,7 +86,11 @@ def _lengths(op, draft_lens: Lengths, B: int, K: int, device, validate: bool) ->
         return torch.full((B,), K, dtype=torch.int64, device=device)
     if not isinstance(draft_lens, torch.Tensor):
         try:
-            draft_lens = torch.tensor(list(draft_lens), dtype=torch.int64)
+            draft_lens = list(draft_lens)
+            for i, v in enumerate(draft_lens):  # torch.tensor would truncate 1.5 to 1
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise TypeError(f"'draft_lens'[{i}] is {v!r}, not an int")
+            draft_lens = torch.tensor(draft_lens, dtype=torch.int64)
         except (TypeError, ValueError, RuntimeError) as e:
             raise TypeError(f"{op}: 'draft_lens' must be an int64 tensor or a sequence of ints ({e})") from None
     if draft_lens.dtype not in (torch.int64, torch.int32):
@@ -272,7 +276,7 @@ def speculative_verify(draft_tokens: torch.Tensor, draft_probs: Optional[torch.T
     device = target_probs.device
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"{OP}: 'generator' is on {generator.device} but 'target_probs' is on {device}")
-    validate = device.type == "cpu" if validate is None else bool(validate)
+    validate = device.type == "cpu" if validate is None else checks.flag(OP, "validate", validate)
     lens = _lengths(OP, draft_lens, B, K, device, validate)
     tokens = draft_tokens.to(torch.int64).contiguous()
     if validate:
@@ -415,7 +419,7 @@ def speculative_verify_tree(tree_tokens: torch.Tensor, parents: torch.Tensor,
     device = target_probs.device
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"{OP_TREE}: 'generator' is on {generator.device} but 'target_probs' is on {device}")
-    validate = device.type == "cpu" if validate is None else bool(validate)
+    validate = device.type == "cpu" if validate is None else checks.flag(OP_TREE, "validate", validate)
     parents = parents.to(device=device, dtype=torch.int64).expand(B, N).contiguous()
     tokens = tree_tokens.to(torch.int64).contiguous()
     # The tree's structure is always checked (small, and a bad parent would loop or read garbage).

@@ -51,6 +51,9 @@ def mcts(engine: Engine, prompt, scorer: Scorer, *, num_simulations: int = 64, e
             raise ValueError(f"ttc.mcts: '{name}' must be an int >= 1, got {v!r}")
     if prior not in ("policy", "uniform"):
         raise ValueError(f"ttc.mcts: 'prior' must be 'policy' or 'uniform', got {prior!r}")
+    from ptcore.ops import checks
+    checks.number("ttc.mcts", "c_init", c_init, low=0)  # NaN would make every PUCT score NaN
+    checks.number("ttc.mcts", "c_base", c_base, low=0, low_open=True)  # divides
     with Search(engine, prompt, scorer, step_params, max_tokens) as s:
         root = s.root
         expanded = 0
