@@ -1,0 +1,12 @@
+"""GRPO optimizer step on the real model: ptcore vs TRL (see bench/loop_real.py)."""
+import sys
+
+from bench.loop_real import main_for
+
+
+def main(argv: list[str]) -> int:
+    return main_for("grpo", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
