@@ -1,9 +1,9 @@
 """How many rows of logits a fused op materializes at once.
 
 The budget is in bytes of one logits chunk, independent of the number of tokens N: that is what
-bounds the fused ops' extra memory. 96 MiB (768 rows at V=32768 fp32) keeps the chunk's GEMMs at
-the bare BLAS rate on a 2-core CPU: fwd+bwd at N=4096, H=1024 took 2.84 s at 96 and at 128 MiB,
-2.95 s at 64 MiB, with 256 / 272 / 208 MB extra peak; the logits of the batch alone take 512 MB.
+bounds the fused ops' extra memory. 96 MiB (768 rows at V=32768 fp32) is enough rows for the
+chunk's GEMMs to run at the BLAS's full rate (smaller chunks begin to cost time, larger ones only
+cost memory), and a fraction of the whole batch's logits (512 MB at N=4096, V=32768 fp32).
 Override per process with PTCORE_CHUNK_MB, per block with :func:`chunk_budget`.
 """
 from __future__ import annotations
