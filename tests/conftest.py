@@ -12,6 +12,11 @@ if not torch.cuda.is_available():  # on a GPU, Triton runs compiled on CUDA tens
 from ptcore.ops import dispatch  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-scale", type=float, default=1.0,
+                     help="tests/test_fuzz.py: cases per op, as a multiple of the default (~25)")
+
+
 def pytest_report_header(config):
     return ["ptcore backends: " + ", ".join(
         f"{b}={'yes' if why is None else 'no (' + why + ')'}" for b, why in dispatch.status().items())]
@@ -49,7 +54,8 @@ def checkout_shadows(modules=None) -> list[str]:
         except TypeError:
             files = [getattr(mod, "__file__", None)]
         for f in files:
-            real = os.path.realpath(f) if isinstance(f, str) else ""
+            # only absolute paths: torch.ops and torch.classes carry bare names ('_ops.py')
+            real = os.path.realpath(f) if isinstance(f, str) and os.path.isabs(f) else ""
             if real.startswith(root + os.sep) and not real.startswith(venv + os.sep):
                 out.append(f"{name} -> {f}")
                 break
