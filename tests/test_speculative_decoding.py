@@ -134,3 +134,37 @@ def test_a_failing_drafter_leaves_no_sequence_and_caches_nothing(engines):
     assert not target.cache.running
     assert target.cache.radix.cached_tokens == cached_before
     target.cache.check()
+
+
+@pytest.mark.parametrize("drafter_kind", ["ngram", "draft model"])
+def test_min_new_tokens_equals_the_engine(engines, drafter_kind):
+    """min_new_tokens: the stop tokens are suppressed in the target until then (a drafted stop
+    token is rejected); greedy output equals Engine.generate's (which equals HF's, test_engine),
+    sampled output never stops early and its log-probs are those of the suppressed distribution."""
+    target, draft, _ = engines
+    free = [c[0].tokens for c in target.generate(PROMPTS, SamplingParams(max_new_tokens=12, temperature=0))]
+    stop = free[0][1]
+    early = target.generate(PROMPTS[:1], SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[stop]))
+    assert len(early[0][0].tokens) == free[0].index(stop) + 1 <= 2  # it would stop at once
+    drafter = NGramDrafter() if drafter_kind == "ngram" else DraftModelDrafter(draft)
+    sp = SamplingParams(max_new_tokens=12, min_new_tokens=8, temperature=0, stop_token_ids=[stop])
+    plain = [c[0].tokens for c in target.generate(PROMPTS, sp)]
+    assert all(len(t) >= 8 and stop not in t[:8] for t in plain)
+    res = speculative_generate(target, drafter, PROMPTS, num_draft_tokens=4, params=sp)
+    assert [c.tokens for c in res.completions] == plain
+    sp = SamplingParams(max_new_tokens=12, min_new_tokens=8, temperature=1.0, seed=3, stop_token_ids=[stop])
+    res = speculative_generate(target, drafter, PROMPTS * 3, num_draft_tokens=4, params=sp)
+    for c in res.completions:
+        assert len(c.tokens) >= 8 and stop not in c.tokens[:8] and all(lp <= 0 for lp in c.logprobs)
+    prompt = (PROMPTS * 3)[0]
+    c = res.completions[0]
+    for j, (t, lp) in enumerate(zip(c.tokens, c.logprobs)):
+        s = target.start(prompt + c.tokens[:j])
+        z = s.logits.double().clone()
+        target.release(s)
+        if j < 8:
+            z[stop] = float("-inf")
+        assert abs(lp - float(torch.log_softmax(z, -1)[t])) < 1e-6, j
+    for eng in (target, draft):
+        eng.cache.check()
+        assert not eng.cache.running

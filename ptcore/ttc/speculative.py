@@ -204,8 +204,6 @@ def _check(target_engine, drafter, num_draft_tokens, params):
         raise TypeError(f"speculative_generate: 'params' must be a SamplingParams, got {type(params).__name__}")
     if params.stop_strings:
         raise ValueError("speculative_generate: 'stop_strings' are not supported yet; use stop_token_ids")
-    if params.min_new_tokens:
-        raise ValueError("speculative_generate: 'min_new_tokens' is not supported yet (Engine.generate has it)")
     if isinstance(drafter, DraftModelDrafter) and drafter.engine.vocab_size != target_engine.vocab_size:
         raise ValueError(f"speculative_generate: the draft model's vocabulary ({drafter.engine.vocab_size}) "
                          f"differs from the target's ({target_engine.vocab_size})")
@@ -243,6 +241,7 @@ def speculative_generate(target_engine: Engine, drafter, prompts, *, num_draft_t
     gens = [make_generator(None if params.seed is None else params.seed + j, eng.device) for j in range(B)]
     draft_gens = [make_generator(None if params.seed is None else params.seed + 7919 + j, eng.device) for j in range(B)]
     stop = set(params.stop_token_ids) | set(eng.eos_token_ids)
+    stop_ids = sorted(t for t in stop if 0 <= t < eng.vocab_size)
     seqs, outs, logps, reasons = [], [[] for _ in range(B)], [[] for _ in range(B)], [None] * B
     head = [None] * B  # the last emitted token, not yet fed to the target
     bar, failed = None, False
@@ -273,6 +272,12 @@ def speculative_generate(target_engine: Engine, drafter, prompts, *, num_draft_t
                 # target rows: the distribution after the head, then after each draft
                 r = rows[j] if head[i] is not None else (torch.cat([before[j][None], rows[j]]) if d else before[j][None])
                 r = r[:L + 1]
+                # min_new_tokens: rows that would emit token number < min_new_tokens cannot emit a
+                # stop token (-inf in the target; a draft of one is rejected: p = 0)
+                ban = min(L + 1, params.min_new_tokens - len(outs[i]))
+                if ban > 0 and stop_ids:
+                    r = r.clone()
+                    r[:ban, stop_ids] = float("-inf")
                 x = torch.tensor([d], dtype=torch.int64, device=r.device).reshape(1, L)
                 if params.greedy:  # only the argmax matters: the logits themselves, unchecked
                     n_acc, emitted = speculative_verify(x, None, r[None], greedy=True, validate=False)
