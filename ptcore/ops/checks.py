@@ -1,6 +1,7 @@
 """Argument checks shared by the public ops: each failure names the argument."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -95,6 +96,19 @@ def flag(op: str, name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{op}: '{name}' must be True or False, got {value!r}")
     return value
+
+
+@contextlib.contextmanager
+def as_op(op: str, inner: str):
+    """Argument errors raised by ``inner`` (an op that validates on a caller's behalf) are
+    reported under ``op``: the caller's name, with the same argument names."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        if msg.startswith(inner + ":"):
+            raise type(e)(op + msg[len(inner):]) from None
+        raise
 
 
 def choice(op: str, name: str, value, options) -> None:

@@ -277,11 +277,12 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
     checks.same_device(op, "hidden", hidden, mask=mask, old_logps=old_logps, ref_logps=ref_logps,
                        advantages=advantages)
     # policy_loss validates the options and the advantages on a stand-in batch.
-    policy_loss(old_logps.detach(), old_logps, advantages, mask, ref_logps=ref_logps,
-                        beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low,
-                        epsilon_high=epsilon_high, dual_clip=dual_clip,
-                        importance_sampling_level=importance_sampling_level, loss_type=loss_type,
-                        normalizer=normalizer, cispo_max=cispo_max)
+    with checks.as_op(op, "policy_loss"):
+        policy_loss(old_logps.detach(), old_logps, advantages, mask, ref_logps=ref_logps,
+                    beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low,
+                    epsilon_high=epsilon_high, dual_clip=dual_clip,
+                    importance_sampling_level=importance_sampling_level, loss_type=loss_type,
+                    normalizer=normalizer, cispo_max=cispo_max)
     if normalizer is None:
         normalizer = default_normalizer(loss_type, mask)
     acc = acc_dtype(hidden.dtype)
@@ -398,9 +399,10 @@ def linear_dpo_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, 
     # dpo_loss validates the options and the reference shapes on a stand-in batch.
     stand_in = chosen_hidden.new_zeros(B, dtype=acc_dtype(chosen_hidden.dtype))
     ones = torch.ones(B, dtype=torch.long, device=chosen_hidden.device)
-    dpo_loss(stand_in, stand_in, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
-             label_smoothing=label_smoothing, chosen_lengths=ones, rejected_lengths=ones, gamma=gamma,
-             orpo_lambda=orpo_lambda, loss_weights=loss_weights)
+    with checks.as_op(op, "dpo_loss"):
+        dpo_loss(stand_in, stand_in, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
+                 label_smoothing=label_smoothing, chosen_lengths=ones, rejected_lengths=ones, gamma=gamma,
+                 orpo_lambda=orpo_lambda, loss_weights=loss_weights)
     T = max(chosen_hidden.shape[1], rejected_hidden.shape[1])
     pad = lambda h, fill: torch.nn.functional.pad(h, (0, 0, 0, T - h.shape[1]) if h.dim() == 3 else (0, T - h.shape[1]), value=fill)
     interleave = lambda c, r: torch.stack([c, r], dim=1).reshape(2 * B, *c.shape[1:])
