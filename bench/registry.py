@@ -51,7 +51,6 @@ BENCHMARKS = {
 STANDALONE = {
     "speculative_decoding": "bench.speculative_decoding",  # speedup and tokens per target forward vs theory
     "cpu_dispatch": "bench.cpu_dispatch",  # linear CE with the portable dispatched build vs -march=native
-    "cpu_dispatch": "bench.cpu_dispatch",  # linear CE with the portable dispatched build vs -march=native
     "loop_sft_real": "bench.loop_sft_real",  # the loops vs TRL on SmolLM2-135M (bench/loop_real.py)
     "loop_dpo_real": "bench.loop_dpo_real",
     "loop_grpo_real": "bench.loop_grpo_real",
