@@ -8,7 +8,9 @@ sequence sums need whole sequences (pairs) in a chunk. The gradients are thus kn
 the backward scales them by grad_output (as the fused cross-entropy does). The loss algebra is that
 of policy.py and preference.py, so fused and unfused agree by construction.
 """
+import concurrent.futures
 import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -20,15 +22,33 @@ from ptcore.ops.preference import LENGTH_NORMALIZED, PreferenceLossOutput, dpo_l
 from ptcore.ops.rows import LOGPROB_GRAD, LOGPROB_STATS
 
 
-@contextlib.contextmanager
-def _autograd_enabled():
-    """A custom op's implementation runs below autograd (the dispatcher excludes its keys); the
-    per-chunk loss gradients need autograd on a few small tensors, so lift that exclusion here."""
-    guard = getattr(torch._C, "_ForceDispatchKeyGuard", None)
-    ctx = (guard(torch._C._dispatch_tls_local_include_set(), torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined))
-           if guard is not None else contextlib.nullcontext())
-    with ctx, torch.enable_grad():
-        yield
+_worker = (None, None)  # (pid, executor): a forked child makes its own
+
+
+def _with_autograd(fn, device):
+    """``fn()`` where autograd records, for the per-chunk loss gradients (a few small tensors).
+
+    A custom op's implementation runs below autograd: the dispatcher excludes autograd's keys in
+    this thread's dispatch state while it runs, and no public API lifts that (``enable_grad`` only
+    sets grad mode). A helper thread starts with the default state, so ``fn`` runs there while
+    this thread waits: the same ``torch.autograd.grad`` on the same tensors, with the caller's
+    intra-op thread count and CUDA stream."""
+    global _worker
+    pid, pool = _worker
+    if pid != os.getpid():
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ptcore-loss-grad")
+        _worker = (os.getpid(), pool)
+    threads = torch.get_num_threads()
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+    def call():
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        with torch.enable_grad(), (torch.cuda.stream(stream) if stream is not None
+                                   else contextlib.nullcontext()):
+            return fn()
+
+    return pool.submit(call).result()
 
 
 def fused_sequence_loss(x, w, b, t, loss_fn, *, seqs_per_chunk, chunk, ignore_index, softcap,
@@ -92,12 +112,14 @@ def fused_sequence_loss(x, w, b, t, loss_fn, *, seqs_per_chunk, chunk, ignore_in
         else:
             first = first_seq[s]
             k = min(seqs_per_chunk, S - first)
-        with _autograd_enabled():
+        def share_grads():
             leaves = [v.detach().requires_grad_() for v in (lp, ent) if v is not None]
             dense = [torch.zeros(k, T, dtype=acc, device=x.device).index_put((seq - first, pos), v)
                      for v in leaves]
             share = loss_fn(first, dense[0], dense[1] if ent is not None else None)
-            g = list(torch.autograd.grad(share, leaves, allow_unused=True)) + [None]
+            return list(torch.autograd.grad(share, leaves, allow_unused=True)) + [None]
+
+        g = _with_autograd(share_grads, x.device)
         LOGPROB_GRAD[backend](z, ts[s:e], lse, mu, g[0], g[1] if ent is not None else None, **opts)
 
     gx, gw, gb = run_chunks(xs, w, b, row_pass, chunk=1, bounds=bounds, need_gx=need[0],
@@ -127,11 +149,13 @@ def _two_pass(x, xs, ts, order, w, b, loss_fn, *, chunk, backend, need, want_ent
     run_chunks(xs, w, b, stats, chunk=chunk)
     rows = torch.arange(n, device=x.device) if order is None else order
     where = (rows // T, rows % T)
-    with _autograd_enabled():
-        leaves = [v.detach().requires_grad_() for v in (lp, ent) if v is not None]
+    def loss_and_grads():
+        leaves = [v.detach().requires_grad_(any(need)) for v in (lp, ent) if v is not None]
         dense = [torch.zeros(S, T, dtype=acc, device=x.device).index_put(where, v) for v in leaves]
         loss = loss_fn(0, dense[0], dense[1] if ent is not None else None)
-        g = list(torch.autograd.grad(loss, leaves, allow_unused=True)) if any(need) else []
+        return loss, dense, list(torch.autograd.grad(loss, leaves, allow_unused=True)) if any(need) else []
+
+    loss, dense, g = _with_autograd(loss_and_grads, x.device) if any(need) else loss_and_grads()
     logp_all = dense[0].detach()
     ent_all = dense[1].detach() if ent is not None else None
     if not any(need):
