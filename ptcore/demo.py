@@ -328,11 +328,27 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     # One thread by default: the tiny model's matrices are too small for intra-op threads to pay
     # off, and on a busy machine two spinning OpenMP threads made a training step ~10x slower.
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default 1 for the tiny model, torch's default for a real one)")
+    parser.add_argument("--model", default="tiny", help="'tiny' (trained from scratch, default) or "
+                        "'smollm2-135m-instruct' (GRPO and test-time scaling of a real model: ptcore/demo_real.py)")
     args = parser.parse_args(argv)
-    if args.threads < 1:
+    if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    if args.model != "tiny":
+        from ptcore import demo_real, models
+        if args.model not in models.REAL_MODELS:
+            parser.error(f"--model: unknown model {args.model!r}; known names: {', '.join(models.NAMES)}")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        res = demo_real.run_real_demo(args.output, demo_real.QUICK if args.quick else demo_real.FULL,
+                                      seed=args.seed, progress=not args.no_progress)
+        acc, tt = res["accuracy"], res["test_time"]["grpo"]
+        print(f"ptcore demo: {args.model} held-out accuracy {acc['before']:.1%} -> GRPO {acc['after_grpo']:.1%}; "
+              f"best-of-{tt['n'][-1]} {tt['best_of_n'][-1]:.1%}, majority-of-{tt['n'][-1]} {tt['majority'][-1]:.1%}; "
+              f"{res['timings_s']['total_s']:.0f} s; report: {Path(args.output) / 'report.md'}")
+        return 0
+    torch.set_num_threads(args.threads or 1)
     settings = QUICK if args.quick else FULL
     res = run_demo(args.output, args.task, settings, seed=args.seed, progress=not args.no_progress)
     acc = res["accuracy"]
