@@ -111,7 +111,8 @@ def make_run(workload: str, impl: str, s: dict, device: str = "cpu", dtype=torch
 
     engine = Engine(model, page_size=16, max_cached_tokens=1 << 16, prefix_caching=impl.startswith("ptcore"))
     if workload == "best_of_n":
-        params = SamplingParams(max_new_tokens=s["G"], temperature=1.0, seed=0)
+        # forced length, as HF's min_new_tokens=G above: both sides generate N x G tokens
+        params = SamplingParams(max_new_tokens=s["G"], min_new_tokens=s["G"], temperature=1.0, seed=0)
         run = lambda: ttc.best_of_n(engine, prompt, count_digit, n=N_SAMPLES, params=params)  # noqa: E731
     elif workload == "beam_search":
         params = SamplingParams(max_new_tokens=s["S"], temperature=1.0, seed=0)
