@@ -327,7 +327,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     # One thread by default: the tiny model's matrices are too small for intra-op threads to pay
-    # off, and on a busy machine two spinning OpenMP threads made a training step ~10x slower.
+    # off, and on a busy machine OpenMP threads spin waiting for peers that are not scheduled.
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default 1 for the tiny model, torch's default for a real one)")
     parser.add_argument("--model", default="tiny", help="'tiny' (trained from scratch, default) or "
