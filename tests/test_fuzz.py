@@ -134,7 +134,10 @@ def mutate(data, kw: dict, bad: dict):
     name = data.draw(st.sampled_from(sorted(bad)), label="bad argument")
     value = data.draw(st.sampled_from(bad[name]), label=f"bad {name}")
     kw = dict(kw)
-    kw[name] = value(kw) if callable(value) else value
+    try:
+        kw[name] = value(kw) if callable(value) else value
+    except (IndexError, RuntimeError):  # this bad value does not apply at these sizes
+        hypothesis.assume(False)
     return kw, name
 
 
@@ -379,7 +382,49 @@ def op_speculative_verify(data):
     return "ptcore.ops.speculative_verify", kw, ["draft_tokens", "draft_probs", "target_probs"], _backend(data)
 
 
-OPS = {f.__name__[3:]: f for f in (op_linear_cross_entropy, op_linear_logprobs, op_dpo_loss, op_policy_loss,
+def op_copy_pages(data):
+    g = _gen(data)
+    L, P, S = (data.draw(st.integers(1, hi), label=n) for n, hi in (("L", 2), ("pages", 4), ("page_size", 3)))
+    dt = _dtype(data)
+    n = data.draw(st.integers(0, P), label="n")
+    dst = torch.randperm(P, generator=g)[:n]
+    src = torch.randint(0, P, (n,), generator=g)
+    kw = dict(k_pool=randn(g, L, P, S, 1, 2, dtype=dt), v_pool=randn(g, L, P, S, 1, 2, dtype=dt), src=src, dst=dst)
+    bad = {"dst": [lambda k: torch.cat([k["dst"], k["dst"][:1]]) if n else torch.tensor([P]),
+                   lambda k: k["dst"] + P, lambda k: k["dst"].float(), lambda k: k["dst"].tolist()],
+           "src": [lambda k: k["src"] - P - 1 if n else torch.tensor([-1]), lambda k: k["src"][:0] if n else torch.tensor([0])],
+           "v_pool": [lambda k: k["v_pool"][:, :1].expand_as(k["v_pool"]) if P > 1 else k["v_pool"].double()]}
+    kw, _ = mutate(data, kw, bad)
+    return "ptcore.ops.copy_pages", kw, ["k_pool", "v_pool", "src", "dst"], None
+
+
+def op_speculative_verify_tree(data):
+    g = _gen(data)
+    B, N, V = (data.draw(st.integers(lo, hi), label=n) for n, lo, hi in (("B", 0, 2), ("N", 1, 4), ("V", 1, 5)))
+    dt = _dtype(data, (torch.float32, torch.float64))
+    parents = torch.tensor([-1] + [int(torch.randint(-1, i, (1,), generator=g)) for i in range(1, N)])
+    p = torch.rand(B, N + 1, V, generator=g, dtype=torch.float64)
+    kw = dict(tree_tokens=torch.randint(0, V, (B, N), generator=g), parents=parents, draft_probs=None,
+              target_probs=(p / p.sum(-1, keepdim=True)).to(dt), greedy=True)
+    bad = {"parents": [lambda k: k["parents"] + N, lambda k: k["parents"].float(), lambda k: k["parents"][:0]],
+           "tree_tokens": [lambda k: k["tree_tokens"] - V - 1, lambda k: k["tree_tokens"].bool()],
+           "target_probs": [lambda k: k["target_probs"] * NAN], "greedy": ["yes"], "validate": [2]}
+    kw, _ = mutate(data, kw, bad)
+    return ("ptcore.ops.speculative_verify_tree", kw, ["tree_tokens", "parents", "draft_probs", "target_probs"],
+            _backend(data))
+
+
+def op_kl_penalty(data):
+    g = _gen(data)
+    shape = (data.draw(st.integers(0, 3), label="B"), data.draw(st.integers(0, 3), label="T"))
+    dt = _dtype(data)
+    kw = dict(logps=maybe_nan(data, g, -randn(g, *shape, dtype=dt).abs()), ref_logps=-randn(g, *shape, dtype=dt).abs(),
+              estimator=data.draw(st.sampled_from(["k1", "k2", "k3"])))
+    kw, _ = mutate(data, kw, {"estimator": ["k4", None], "ref_logps": [lambda k: k["ref_logps"][:0]]})
+    return "ptcore.ops.kl_penalty", kw, ["logps", "ref_logps"], None
+
+
+OPS = {f.__name__[3:]: f for f in (op_copy_pages, op_speculative_verify_tree, op_kl_penalty, op_linear_cross_entropy, op_linear_logprobs, op_dpo_loss, op_policy_loss,
                                    op_group_advantages, op_gae, op_linear_policy_loss, op_linear_dpo_loss,
                                    op_paged_attention_decode, op_paged_attention_extend, op_write_kv,
                                    op_speculative_verify)}
@@ -389,7 +434,8 @@ OPS = {f.__name__[3:]: f for f in (op_linear_cross_entropy, op_linear_logprobs, 
 
 def to64(x):
     if isinstance(x, torch.Tensor):
-        return x.double() if x.is_floating_point() else x.clone()
+        return x.to(torch.float64, copy=True) if x.is_floating_point() else x.clone()  # a copy: ops
+        # that write in place must not touch the case's own tensors
     if isinstance(x, list):
         return [to64(v) for v in x]
     return x
@@ -507,7 +553,8 @@ def fuzz_scale(request):
 
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_fuzz_op(op, worker, fuzz_scale):
-    if OPS[op] in (op_paged_attention_decode, op_paged_attention_extend, op_speculative_verify):
+    if OPS[op] in (op_paged_attention_decode, op_paged_attention_extend, op_speculative_verify,
+                   op_speculative_verify_tree):
         pytest.importorskip("ptcore._C", reason="ptcore._C is not built (the cpu backend)")
 
     @settings(max_examples=max(1, int(BASE_EXAMPLES * fuzz_scale)), deadline=None, database=None,
@@ -516,7 +563,7 @@ def test_fuzz_op(op, worker, fuzz_scale):
     @given(st.data())
     def run(data):
         target, kw, positional, backend = OPS[op](data)
-        returned = [0, 1] if op == "write_kv" else None
+        returned = [0, 1] if op in ("write_kv", "copy_pages") else None
         check(worker, op, target, kw, positional, backend, returned=returned)
 
     run()
@@ -528,3 +575,16 @@ def test_fuzz_chunk_mb_environment(worker, value):
     kw = dict(input=randn(g, 3, 4), weight=randn(g, 5, 4), target=torch.tensor([0, 4, -100]))
     check(worker, "chunk_mb", "ptcore.ops.linear_cross_entropy", kw, ["input", "weight", "target"], "cpu",
           env={"PTCORE_CHUNK_MB": value})
+
+
+def test_the_worker_reports_a_crash_and_a_hang():
+    """The harness itself: a case that aborts the process or never returns is reported as such
+    (and the next case runs in a fresh worker)."""
+    w = Worker()
+    try:
+        kind, text = w.run(("os.abort", [], {}, None, {}, None))
+        assert kind == "crash" and "exit status" in text
+        assert w.run(("time.sleep", [60], {}, None, {}, None), timeout=2)[0] == "hang"
+        assert w.run(("math.sqrt", [4.0], {}, None, {}, None)) == ("ok", 2.0)
+    finally:
+        w.stop()
