@@ -552,10 +552,11 @@ def _kernel_decode(K, c, splits, **opts):
                                     num_splits=splits)
 
 
-@pytest.mark.parametrize("page_size", [1, 5, 16])
+@pytest.mark.parametrize("page_size", [1, 5, 16, 64])
 def test_triton_decode_splits_match_float64(page_size):
     """Several key splits per (sequence, KV head) merged by log-sum-exp: lengths 1 (every split but
-    the first empty), on and off page and split boundaries (splits are multiples of 16 keys here),
+    the first empty), on and off page and split boundaries (splits are multiples of 16 keys here;
+    page size 64: several splits inside one page),
     GQA 1/2/4 (the group padded to 16 tl.dot rows), head dims 64 and 80 (80 padded to 128), shuffled
     pages, NaN in every slot no sequence owns."""
     K = _triton_kernels()
