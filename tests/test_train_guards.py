@@ -202,3 +202,15 @@ def test_write_jsonl_leaves_no_temporary_file_on_failure(tmp_path):
     with pytest.raises(ValueError):
         write_jsonl("addition", "sft", tmp_path / "x.jsonl", n=-1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_infinite_reward_names_the_reward_function(tmp_path):
+    model, tok = tiny()
+    rows = [{"prompt": "1+1=", "answer": "2"}] * 4
+
+    def broken(prompts, completions, **_):
+        return [float("inf")] * len(completions)
+
+    with pytest.raises(ValueError, match="reward function 'broken' returned inf for completion 0"):
+        run_grpo(model, tok, rows, config(tmp_path, "g", max_steps=1), reward_fns=[broken], group_size=2,
+                 max_new_tokens=2)

@@ -180,6 +180,10 @@ class GRPOObjective(BaseObjective):
                 raise ValueError(f"reward function {getattr(fn, '__name__', fn)!r} returned {len(vals)} "
                                  f"values for {len(rows)} completions")
             r = torch.tensor([math.nan if v is None else float(v) for v in vals], dtype=torch.float32)
+            if bool(torch.isinf(r).any()):
+                i = int(torch.isinf(r).nonzero()[0, 0])
+                raise ValueError(f"reward function {getattr(fn, '__name__', fn)!r} returned {vals[i]!r} for "
+                                 f"completion {i}; a reward must be finite (None or NaN: missing)")
             per_fn[getattr(fn, "__name__", "reward")] = r
             total = total + w * r
         adv = group_advantages(total, self.G, estimator=self.estimator, scale=self.scale_rewards)
