@@ -637,3 +637,36 @@ def test_extend_max_q_checked(backend):
     for m in (4, 0, -1, True, 5.0):
         with pytest.raises(ValueError, match="max_q"):
             extend(backend, c, max_q=m)
+
+
+def test_triton_through_the_engine(monkeypatch):
+    """The engine's calls (extend with max_q for prompts and drafts, flash-decoding for decode
+    steps) on the triton backend: fp32 logits against the float64 Hugging Face forward, and the
+    greedy tokens of the cpu backend's run."""
+    _triton_kernels()
+    from ptcore.engine import Engine, SamplingParams
+    from tests.test_engine import tiny_model
+    calls = {"decode": 0, "extend": 0}
+    for kind, table in (("decode", paged_backends.DECODE), ("extend", paged_backends.EXTEND)):
+        def counted(*a, _f=table["triton"], _k=kind, **kw):
+            calls[_k] += 1
+            if _k == "extend":
+                assert kw["max_q"] is not None  # the engine passes it
+            return _f(*a, **kw)
+        monkeypatch.setitem(table, "triton", counted)
+    model = tiny_model()
+    ids = torch.randint(0, 131, (1, 30))
+    ref = model(ids).logits[0].double()
+    m32 = model.float()
+    with ptcore.use_backend("triton"):
+        engine = Engine(m32, page_size=4, max_cached_tokens=512)
+        seq = engine.start(ids[0, :19].tolist())
+        rows = engine.forward([seq], [ids[0, 19:].tolist()], all_logits=True)[0]
+        assert rel_err(rows.double(), ref[19:]) < 1e-4 and rel_err(seq.logits.double(), ref[-1]) < 1e-4
+        engine.release(seq)
+        prompts = [ids[0, :n].tolist() for n in (3, 9)]
+        got = [c[0].tokens for c in engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0))]
+    want = [c[0].tokens for c in Engine(m32, page_size=4, max_cached_tokens=512).generate(
+        prompts, SamplingParams(max_new_tokens=6, temperature=0))]
+    assert got == want
+    assert calls["decode"] > 0 and calls["extend"] > 0
