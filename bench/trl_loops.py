@@ -54,20 +54,9 @@ def n_params() -> int:
 
 
 def hf_tokenizer():
-    """The CharTokenizer's vocabulary as a Hugging Face fast tokenizer (TRL needs one): same ids."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
+    """The tiny model's tokenizer, a Hugging Face fast tokenizer (TRL needs one)."""
     from ptcore.train.tiny import CharTokenizer
-    ct = CharTokenizer()
-    tk = Tokenizer(models.WordLevel(vocab=ct.get_vocab(), unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                      special_tokens=[("<s>", ct.bos_token_id)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tok.add_special_tokens({"additional_special_tokens": list(ct.special_tokens[3:])})
-    return tok
+    return CharTokenizer()
 
 
 def records(kind: str, s: dict, n: int = 256) -> list[dict]:
