@@ -4,10 +4,11 @@ build (ptcore._C at x86-64-v2, its hot kernels from the best variant the CPU run
 beside the same sources built with PTCORE_CPU_ARCH=native, into a separate build folder; plus the
 per-row kernel alone (cross_entropy_rows, write_grad, one logits chunk) for every variant.
 
-    python -m bench.cpu_dispatch [--rounds 3] [--repeats 2] [--sizes N,H,V] [--native-dir DIR]
+    python -m bench.cpu_dispatch [--rounds 3] [--repeats 2] [--kernel-rounds 5] [--sizes N,H,V] [--native-dir DIR]
 
 Each measurement runs in a fresh subprocess, the builds alternating (default, native, then native,
-default, ...), so that a busy neighbour on a shared machine slows both alike. The native module is
+default, ...; the kernel-only processes rotate over every build), so that a busy neighbour on a
+shared machine slows all alike; the table gives the median and the minimum (the least disturbed). The native module is
 loaded in its process as ptcore._C from the native build folder. Target: default within 5% of native.
 Writes ``bench/results/<device-slug>/cpu_dispatch.json`` (the table, every time, the variants).
 """
@@ -113,7 +114,8 @@ def _run_worker(build: str, native_so: Path, sizes: dict, repeats: int, full: bo
     raise RuntimeError(f"worker {build} failed (exit {p.returncode}):\n{tail}")
 
 
-def run(sizes: dict, rounds: int, repeats: int, native_dir: Path, timeout: float = 1800) -> dict:
+def run(sizes: dict, rounds: int, repeats: int, native_dir: Path, kernel_rounds: int = 5,
+        timeout: float = 1800) -> dict:
     t0 = time.perf_counter()
     native_so = build_native(native_dir)
     build_s = time.perf_counter() - t0
@@ -121,13 +123,15 @@ def run(sizes: dict, rounds: int, repeats: int, native_dir: Path, timeout: float
     variants = [v for v in ("v2", "v3", "v4") if importlib.util.find_spec(f"ptcore._C_{v}" if v != "v2" else "ptcore._C")
                 and getattr(C, "isa", None) == "v2" and C.cpu_isa_levels().get(v)]
     samples: dict[str, list[dict]] = {}
-    for r in range(rounds):
-        order = ["default", "native"] if r % 2 == 0 else ["native", "default"]
-        order += variants if r == 0 else []  # the forced variants: the kernel alone, once
-        for build in order:
-            full = build in ("default", "native")
-            print(f"round {r + 1}/{rounds}: {build}{'' if full else ' (kernel only)'}", file=sys.stderr, flush=True)
-            samples.setdefault(build, []).append(_run_worker(build, native_so, sizes, repeats, full, timeout))
+    for r in range(rounds):  # the whole step: default and native, alternating
+        for build in (["default", "native"] if r % 2 == 0 else ["native", "default"]):
+            print(f"step round {r + 1}/{rounds}: {build}", file=sys.stderr, flush=True)
+            samples.setdefault(build, []).append(_run_worker(build, native_so, sizes, repeats, True, timeout))
+    builds = ["default", "native"] + variants
+    for r in range(kernel_rounds):  # the kernel alone (seconds per process): every build, rotating
+        for build in builds[r % len(builds):] + builds[:r % len(builds)]:
+            print(f"kernel round {r + 1}/{kernel_rounds}: {build}", file=sys.stderr, flush=True)
+            samples.setdefault(build, []).append(_run_worker(build, native_so, sizes, repeats, False, timeout))
     rows = []
     for build, recs in samples.items():
         first = recs[0]
@@ -149,7 +153,7 @@ def run(sizes: dict, rounds: int, repeats: int, native_dir: Path, timeout: float
         r["kernel_min_ratio"] = r["kernel_min_ms"] / nat["kernel_min_ms"]
     default = next(r for r in rows if r["build"] == "default")
     return {"benchmark": NAME, "device": harness.device_name("cpu"), "sizes": sizes, "dtype": "float32",
-            "kernel_rows": KERNEL_ROWS, "rounds": rounds, "repeats_per_round": repeats,
+            "kernel_rows": KERNEL_ROWS, "rounds": rounds, "repeats_per_round": repeats, "kernel_rounds": kernel_rounds,
             "native_build_s": build_s, "native_so": str(native_so), "target": f"default within {TARGET:.0%} of native",
             "met": default["step_ratio"] <= 1 + TARGET, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "threads": default["threads"], "rows": rows}
@@ -163,7 +167,7 @@ def table(res: dict) -> str:
     lines = [f"linear cross-entropy fwd+bwd, ptcore[cpu], default build vs -march=native: N={s['N']} H={s['H']} "
              f"V={s['V']} float32 | {res['device']} | {res['threads']} threads | median of "
              f"{res['rounds']}x{res['repeats_per_round']} steps in alternating processes; kernel: cross_entropy_rows "
-             "with the gradient, 20 per process",
+             f"with the gradient, 20 per process in {res['rounds']} + {res['kernel_rounds']} rotating processes",
              "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in res["rows"]:
         lines.append("| " + " | ".join([r["label"], f"{r['module']} ({r['build_arch']})", fmt(r["step_median_s"], ".3f"),
@@ -181,6 +185,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.cpu_dispatch", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="alternating processes per build (default 3)")
     p.add_argument("--repeats", type=int, default=2, help="timed fwd+bwd steps per process (default 2)")
+    p.add_argument("--kernel-rounds", type=int, default=5, help="rotating kernel-only processes per build (default 5)")
     p.add_argument("--sizes", help="N,H,V (default: bench/lm_head.py's CPU size)")
     p.add_argument("--native-dir", type=Path, default=None, help="the native build folder (default build/ptcore-native)")
     p.add_argument("--out", type=Path, help="results folder (default bench/results/<device-slug>)")
@@ -196,7 +201,7 @@ def main(argv: list[str]) -> int:
         res = _worker(args.worker, args.native_so, sizes, args.repeats, not args.kernel_only)
         print(harness.MARK + json.dumps(res), flush=True)
         return 0
-    res = run(sizes, args.rounds, args.repeats, args.native_dir or default_native_dir())
+    res = run(sizes, args.rounds, args.repeats, args.native_dir or default_native_dir(), args.kernel_rounds)
     print(table(res))
     out = args.out or harness.REPO / "bench" / "results" / harness.device_slug("cpu")
     out.mkdir(parents=True, exist_ok=True)
