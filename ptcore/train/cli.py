@@ -171,8 +171,23 @@ def main(kind: str, argv: list[str]) -> int:
         return 2
 
 
+def _check_model(flag: str, name) -> None:
+    """A model that cannot load is reported before any data is written (not after)."""
+    if name is None or name == "tiny" or Path(name).is_dir():
+        return
+    try:
+        from ptcore import models
+        known = tuple(models.NAMES)
+    except ImportError:
+        known = ("tiny",)
+    if name not in known:
+        raise CLIError(f"{flag} {name!r} is neither a model name ({', '.join(known)}) nor a model directory")
+
+
 def _check_options(kind: str, args) -> None:
     """The objective's options, checked before any data is written or model loaded."""
+    _check_model("--model", args.model)
+    _check_model("--ref-model", getattr(args, "ref_model", None))
     if kind == "dpo":
         from ptcore.train.dpo import check_options
         check_options(loss_type=args.loss_type, beta=args.beta, label_smoothing=args.label_smoothing,
