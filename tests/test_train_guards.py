@@ -149,6 +149,7 @@ TINY = ["--max-steps", "1", "--batch-size", "2", "--max-length", "48", "--no-pro
     (["sft", "--max-consecutive-skips", "0"], "--max-consecutive-skips must be an int >= 1"),
     (["sft", "--model", "/no/such/model"], "--model '/no/such/model' is neither a model name"),
     (["dpo", "--ref-model", "nope"], "--ref-model 'nope' is neither"),
+    (["sft", "--num-examples", "-1"], "--num-examples must be >= 1"),
 ])
 def test_cli_bad_flags_exit_2_before_any_work(tmp_path, capsys, argv, message):
     out = tmp_path / "out"

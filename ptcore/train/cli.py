@@ -188,6 +188,8 @@ def _check_options(kind: str, args) -> None:
     """The objective's options, checked before any data is written or model loaded."""
     _check_model("--model", args.model)
     _check_model("--ref-model", getattr(args, "ref_model", None))
+    if not args.data and args.num_examples < 1:
+        raise CLIError(f"--num-examples must be >= 1, got {args.num_examples}")
     if kind == "dpo":
         from ptcore.train.dpo import check_options
         check_options(loss_type=args.loss_type, beta=args.beta, label_smoothing=args.label_smoothing,
