@@ -34,7 +34,7 @@ class RealDemoSettings:
     n_eval: int = 48          # held-out problems for greedy accuracy (before / after GRPO)
     n_ttc: int = 16           # held-out problems for test-time scaling
     max_samples: int = 16     # largest N
-    max_new_tokens: int = 24
+    max_new_tokens: int = 16
     temperature: float = 0.7  # GRPO rollouts and test-time samples
     grpo_steps: int = 20
     grpo_prompts: int = 2     # prompts per step, each with grpo_group completions
@@ -49,9 +49,9 @@ QUICK = RealDemoSettings(n_eval=8, n_ttc=4, max_samples=4, max_new_tokens=16, gr
 
 
 def _prompt_ids(tok, problems):
-    from ptcore.models.chat import addition_question
-    return [list(tok.apply_chat_template([{"role": "user", "content": addition_question(a, b)}],
-                                         add_generation_prompt=True, tokenize=True, return_dict=False))
+    from ptcore.models.chat import addition_messages
+    return [list(tok.apply_chat_template(addition_messages(a, b), add_generation_prompt=True, tokenize=True,
+                                         return_dict=False))
             for a, b, _ in problems]
 
 

@@ -1,6 +1,5 @@
 """The real model, SmolLM2-135M-Instruct (fp32, CPU): ptcore.patch's loss and gradients, the
-engine's greedy tokens and sampling log-probs against Hugging Face, SFT lowering held-out loss,
-GRPO raising the reward on chat-format addition.
+engine's greedy tokens and sampling log-probs against Hugging Face, SFT lowering held-out loss.
 
 Marker ``real``; the model is loaded once per module from the cache. Without a cached copy every
 test here skips, saying to run ``ptcore models fetch smollm2-135m-instruct`` (CI's set-up does).
@@ -15,8 +14,7 @@ import torch.nn.functional as F
 
 import ptcore
 from ptcore import models as M
-from ptcore.models.chat import (OPEN_PROMPTS, addition_prompts, addition_sft, conversations,
-                                last_number_reward)
+from ptcore.models.chat import OPEN_PROMPTS, addition_sft, conversations
 from ptcore.train.data import load_records, pad_examples, sft_examples
 from tests.reference import rel_err
 

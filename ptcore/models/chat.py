@@ -85,15 +85,26 @@ def addition_sft(n: int, *, seed: int = 0, split: str = "train", digits: int = 3
             for a, b, s in addition_problems(n, seed=seed, split=split, digits=digits)]
 
 
-def addition_prompts(tokenizer, n: int, *, seed: int = 0, split: str = "train", digits: int = 3) -> list[dict]:
+SYSTEM = "You are a calculator. Reply with the result only."
+
+
+def addition_messages(a: int, b: int, system: str | None = SYSTEM) -> list[dict]:
+    """The chat of one problem: an optional system turn (short answers: no truncated rambling),
+    then the question."""
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": "user", "content": addition_question(a, b)}]
+
+
+def addition_prompts(tokenizer, n: int, *, seed: int = 0, split: str = "train", digits: int = 3,
+                     system: str | None = SYSTEM) -> list[dict]:
     """GRPO records: ``prompt`` is the question rendered by the tokenizer's chat template with
     the generation prompt (as text: the loops tokenize it), ``answer`` the sum."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("addition_prompts: the tokenizer has no chat template")
     out = []
     for a, b, s in addition_problems(n, seed=seed, split=split, digits=digits):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": addition_question(a, b)}],
-                                             add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(addition_messages(a, b, system), add_generation_prompt=True,
+                                             tokenize=False)
         out.append({"prompt": text, "answer": str(s)})
     return out
 
