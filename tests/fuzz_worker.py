@@ -86,3 +86,22 @@ class _null:
 
 if __name__ == "__main__":
     main()
+
+
+def radix_program(impl: str, page_size: int, program):
+    """Runs ``program`` (a list of ``(method, *args)``) on a fresh ``RadixCache`` (``impl``
+    "cpp") or its Python oracle ("model"); returns each call's outcome, going on after errors."""
+    if impl == "cpp":
+        from ptcore.cache import RadixCache as cls
+    else:
+        from tests.radix_oracle import RadixModel as cls
+    cache = cls(page_size=page_size)
+    out = []
+    for method, *args in program:
+        try:
+            r = getattr(cache, method)(*args)
+            out.append(["ok", [r.length, list(r.slots)] if hasattr(r, "length") else
+                        (sorted(r) if isinstance(r, list) else r)])
+        except Exception as e:  # noqa: BLE001 -- judged by the test
+            out.append(["raised", type(e).__name__, str(e)])
+    return out

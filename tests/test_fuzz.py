@@ -577,6 +577,74 @@ def test_fuzz_chunk_mb_environment(worker, value):
           env={"PTCORE_CHUNK_MB": value})
 
 
+@pytest.fixture(scope="module")
+def _cpp_radix():
+    pytest.importorskip("ptcore._C", reason="ptcore._C is not built (the C++ radix cache)")
+
+
+def test_fuzz_radix_cache(worker, fuzz_scale, _cpp_radix):
+    """Random programs of insert / match_prefix / evict / owned_slots with valid and bad tokens
+    and slots (misaligned, negative, near 2**63, wrong lengths, floats, bools): the C++ cache,
+    in the worker, answers exactly as its Python oracle (tests/radix_oracle.py) does here, and
+    every error is a ValueError / TypeError naming its argument."""
+    from tests.fuzz_worker import radix_program
+
+    @settings(max_examples=max(1, int(BASE_EXAMPLES * fuzz_scale)), deadline=None, database=None,
+              derandomize=fuzz_scale <= 1, suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def run(data):
+        P = data.draw(st.sampled_from([1, 2, 3, 4]), label="page_size")
+        next_page, program = 0, []
+        for _ in range(data.draw(st.integers(1, 8), label="calls")):
+            kind = data.draw(st.sampled_from(["insert", "insert", "match_prefix", "evict", "owned_slots"]))
+            tokens = data.draw(st.lists(st.integers(0, 5), max_size=7), label="tokens")
+            if kind == "insert":
+                pages = -(-len(tokens) // P)
+                slots = [(next_page + i // P) * P + i % P for i in range(len(tokens))]
+                next_page += pages
+                how = data.draw(st.sampled_from(["good"] * 4 + ["random", "huge", "negative", "short", "float", "bool"]))
+                if how == "random":
+                    slots = data.draw(st.lists(st.integers(0, 40), min_size=len(tokens), max_size=len(tokens)))
+                elif how == "huge" and slots:
+                    base = data.draw(st.sampled_from([2**63 - P, 2**63 - 2 * P, (2**63 - 1) // P * P]))
+                    slots = [base + i for i in range(len(tokens))]
+                elif how == "negative" and slots:
+                    slots[0] = -1
+                elif how == "short":
+                    slots = slots[:-1] if slots else [0]
+                elif how == "float" and slots:
+                    slots = [float(s) + 0.5 for s in slots]
+                elif how == "bool":
+                    tokens = [True] * len(tokens)
+                program.append(("insert", tokens, slots))
+            elif kind == "match_prefix":
+                program.append(("match_prefix", data.draw(st.sampled_from([tokens, [-1], [2**63], "ab", [0.5]]))))
+            elif kind == "evict":
+                program.append(("evict", data.draw(st.sampled_from([0, 1, 5, 100, -1, 1.5, True]))))
+            else:
+                program.append(("owned_slots",))
+        want = radix_program("model", P, program)
+        outcome = worker.run(("tests.fuzz_worker.radix_program", ["cpp", P, program], {}, None, {}, None))
+        counts = STATS.setdefault("radix_cache", {})
+        counts["programs"] = counts.get("programs", 0) + 1
+        text = f"RadixCache(page_size={P}) program {program}"
+        if outcome[0] in ("hang", "crash"):
+            pytest.fail(f"{outcome[0]}: {text}\n{outcome[1]}")
+        assert outcome[0] == "ok", f"{outcome} for {text}"
+        got = outcome[1]
+        for i, (g, w) in enumerate(zip(got, want)):
+            counts[f"calls {g[0]}"] = counts.get(f"calls {g[0]}", 0) + 1
+            where = f"call {i} {program[i][0]} of {text}"
+            assert g[0] == w[0], f"C++ {g} but the oracle {w} at {where}"
+            if g[0] == "ok":
+                assert g[1] == w[1], f"C++ {g[1]} but the oracle {w[1]} at {where}"
+            else:
+                assert g[1] in ACCEPTED, f"{g[1]}: {g[2]} at {where}"
+                assert any(n in g[2] for n in ("tokens", "slots", "num_slots", "page")), f"{g[2]!r} names nothing at {where}"
+
+    run()
+
+
 def test_the_worker_reports_a_crash_and_a_hang():
     """The harness itself: a case that aborts the process or never returns is reported as such
     (and the next case runs in a fresh worker)."""

@@ -67,7 +67,11 @@ def int64_array(values, name: str):
                 if v < 0:
                     raise ValueError(f"{name}[{i}] = {v} is negative")
             raise ValueError(f"{name}: cannot read as int64")  # unreachable
-        return out  # a 'Q' buffer: ptcore._C reads it as int64 and rejects values >= 2**63 as negative
+        u = np.frombuffer(out, dtype=np.uint64)  # one vectorized pass: >= 2**63 is no int64 (ptcore._C
+        if u.size and int(u.max()) >= 2**63:     # would read it as a negative and print that)
+            i = int(np.argmax(u >= 2**63))
+            raise ValueError(f"{name}[{i}] = {int(u[i])} is not an int (int64)")
+        return out  # a 'Q' buffer: ptcore._C reads it as int64
     if out.size and out.min() < 0:
         i = int(np.argmax(out < 0))
         raise ValueError(f"{name}[{i}] = {int(out[i])} is negative")
