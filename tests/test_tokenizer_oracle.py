@@ -116,6 +116,10 @@ def test_chat_format_on_task_conversations():
         _, ids, mask = oracle_chat(c)
         assert row == ids + [PAD] * (longest - len(ids)) and am == mask + [0] * (longest - len(ids))
     assert tok.apply_chat_template(pair, tokenize=False) == [oracle_chat(c)[0] for c in pair]
+    # an empty conversation (the prefix before an opening assistant turn) is bos and the prompt
+    assert tok.apply_chat_template([], tokenize=False) == "<s>"
+    assert tok.apply_chat_template([], add_generation_prompt=True, return_dict=False) == oracle_chat([], True)[1]
+    assert tok.apply_chat_template([])["input_ids"] == [BOS]
 
 
 def test_written_task_files_tokenize_like_the_oracle(tmp_path):

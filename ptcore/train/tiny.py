@@ -15,7 +15,7 @@ from pathlib import Path
 import jinja2
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import LlamaConfig, PreTrainedTokenizerFast
+from transformers import BatchEncoding, LlamaConfig, PreTrainedTokenizerFast
 
 TOKENIZER_FILE = "ptcore_tokenizer.json"
 
@@ -102,11 +102,17 @@ class CharTokenizer(PreTrainedTokenizerFast):
         return super()._decode(token_ids, *args, **kwargs)
 
     def apply_chat_template(self, conversation, **kwargs):
-        """Hugging Face's, with the template's validation errors as ``ValueError``."""
+        """Hugging Face's, with the template's validation errors as ``ValueError``, and an empty
+        conversation rendered (bos, and the generation prompt) rather than refused: the assistant
+        spans of a conversation that opens with an assistant turn start there (ptcore.train.data)."""
+        empty = isinstance(conversation, (list, tuple)) and not conversation
         try:
-            return super().apply_chat_template(conversation, **kwargs)
+            out = super().apply_chat_template([[]] if empty else conversation, **kwargs)
         except jinja2.TemplateError as e:
             raise ValueError(str(e)) from e
+        if not empty or kwargs.get("return_tensors") is not None and kwargs.get("tokenize", True):
+            return out
+        return BatchEncoding({k: v[0] for k, v in out.items()}) if isinstance(out, BatchEncoding) else out[0]
 
     # -- persistence: one small JSON file (the tokenizer is defined by these few fields) ---------
     def save_pretrained(self, save_directory, **unused) -> tuple[str]:
