@@ -10,6 +10,7 @@ of policy.py and preference.py, so fused and unfused agree by construction.
 """
 import concurrent.futures
 import contextlib
+import math
 import os
 from typing import Optional
 
@@ -219,7 +220,8 @@ def _policy_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                normalizer: torch.Tensor, temperature: float, softcap: float, ignore_index: int,
                beta: float, kl_estimator: str, epsilon_low: float, epsilon_high: float,
                dual_clip: float, importance_sampling_level: str, loss_type: str, cispo_max: float,
-               backend: str, chunk: int, need_gx: bool, need_gw: bool,
+               sampling_logps: Optional[torch.Tensor], rollout_correction: str, clip_min: float,
+               clip_max: float, off_policy_threshold: float, backend: str, chunk: int, need_gx: bool, need_gw: bool,
                need_gb: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                        torch.Tensor, torch.Tensor]:
     """(loss, logp [B, T], entropy [B, T], grad_hidden, grad_weight, grad_bias)."""
@@ -230,15 +232,21 @@ def _policy_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     opts = dict(ref_logps=None, beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low,
                 epsilon_high=epsilon_high, dual_clip=dual_clip or None,
                 importance_sampling_level=importance_sampling_level, loss_type=loss_type,
-                normalizer=normalizer, cispo_max=cispo_max or None)
+                normalizer=normalizer, cispo_max=cispo_max or None,
+                rollout_correction=rollout_correction or None,
+                rollout_clip=(None if math.isinf(clip_min) else clip_min,
+                              None if math.isinf(clip_max) else clip_max),
+                off_policy_threshold=None if math.isnan(off_policy_threshold) else off_policy_threshold)
 
     def loss_fn(first, logp, entropy):
         sel = lambda v: None if v is None else v[first:first + logp.shape[0]]
         return policy_loss(logp, sel(old_logps), sel(advantages), sel(m),
-                           **{**opts, "ref_logps": sel(ref_logps)}).loss
+                           **{**opts, "ref_logps": sel(ref_logps), "sampling_logps": sel(sampling_logps)}).loss
 
-    # A sequence-level ratio ties a sequence's tokens together; otherwise the loss is per token.
-    whole = loss_type == "gspo" or (importance_sampling_level == "sequence" and loss_type != "pg")
+    # A sequence-level ratio ties a sequence's tokens together, and so does OPSM's mean over the
+    # sequence of the current log-probs; otherwise the loss is per token.
+    whole = (loss_type == "gspo" or (importance_sampling_level == "sequence" and loss_type != "pg")
+             or opts["off_policy_threshold"] is not None)
     loss, logp, ent, gx, gw, gb = fused_sequence_loss(
         hidden, weight, bias, t, loss_fn, seqs_per_chunk=max(1, chunk // T) if whole else None,
         chunk=chunk, ignore_index=ignore_index, softcap=softcap, temperature=temperature,
@@ -254,7 +262,7 @@ def _(hidden, weight, target, old_logps, advantages, mask, bias, ref_logps, norm
 
 
 _policy_op.register_autograd(
-    lambda ctx, g, *_: _StoredGradients.backward(ctx, g, 25, (0, 1, 6)),
+    lambda ctx, g, *_: _StoredGradients.backward(ctx, g, 30, (0, 1, 6)),
     setup_context=lambda ctx, inputs, output: _StoredGradients.setup_context(ctx, inputs, output, _policy_op))
 
 
@@ -266,7 +274,10 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
                        epsilon_low: float = 0.2, epsilon_high: Optional[float] = None,
                        dual_clip: Optional[float] = None, importance_sampling_level: str = "token",
                        loss_type: str = "dapo", normalizer=None,
-                       cispo_max: Optional[float] = None) -> PolicyLossOutput:
+                       cispo_max: Optional[float] = None,
+                       sampling_logps: Optional[torch.Tensor] = None,
+                       rollout_correction: Optional[str] = None, rollout_clip=(None, 3.0),
+                       off_policy_threshold: Optional[float] = None) -> PolicyLossOutput:
     """GRPO / PPO-family loss (:func:`ptcore.ops.policy_loss`) computed from the last hidden states:
     ``logps`` are ``log softmax(softcap(hidden @ weight.T + bias) / temperature)[target]`` over the
     completion tokens (``mask``), fused so that the logits never exist.
@@ -274,7 +285,9 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
     Args:
         hidden: ``[B, T, H]``; weight ``[V, H]``; target ``[B, T]`` next-token ids (ignored where
             ``mask`` is 0); old_logps, mask, ref_logps: ``[B, T]``; advantages ``[B]`` or ``[B, T]``.
-        The other options are :func:`policy_loss`'s; ``normalizer`` defaults to this batch's.
+        The other options are :func:`policy_loss`'s (``sampling_logps`` ``[B, T]``,
+        ``rollout_correction``, ``rollout_clip``, ``off_policy_threshold`` included: the rollout
+        correction); ``normalizer`` defaults to this batch's.
 
     Returns ``PolicyLossOutput(loss, metrics)``; metrics add ``entropy`` (at no extra pass).
 
@@ -289,7 +302,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
     _no_fp16(op, "hidden", hidden)
     cap = checks.lm_head(op, hidden, weight, target, bias, ignore_index, softcap, names=("hidden", "target"))
     temp = checks.number(op, "temperature", temperature, low=0.0, low_open=True)
-    for name, value in (("mask", mask), ("old_logps", old_logps), ("ref_logps", ref_logps)):
+    for name, value in (("mask", mask), ("old_logps", old_logps), ("ref_logps", ref_logps),
+                        ("sampling_logps", sampling_logps)):
         if value is not None and (not isinstance(value, torch.Tensor) or value.shape != target.shape):
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"{op}: '{name}' must have the shape of 'target' {tuple(target.shape)}, got {got}")
@@ -299,14 +313,16 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
     checks.real(op, "advantages", advantages)
     checks.real(op, "mask", mask, allow_bool=True)
     checks.same_device(op, "hidden", hidden, mask=mask, old_logps=old_logps, ref_logps=ref_logps,
-                       advantages=advantages)
+                       advantages=advantages, sampling_logps=sampling_logps)
     # policy_loss validates the options and the advantages on a stand-in batch.
     with checks.as_op(op, "policy_loss"):
         policy_loss(old_logps.detach(), old_logps, advantages, mask, ref_logps=ref_logps,
                     beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low,
                     epsilon_high=epsilon_high, dual_clip=dual_clip,
                     importance_sampling_level=importance_sampling_level, loss_type=loss_type,
-                    normalizer=normalizer, cispo_max=cispo_max)
+                    normalizer=normalizer, cispo_max=cispo_max, sampling_logps=sampling_logps,
+                    rollout_correction=rollout_correction, rollout_clip=rollout_clip,
+                    off_policy_threshold=off_policy_threshold)
     if normalizer is None:
         normalizer = default_normalizer(loss_type, mask)
     acc = acc_dtype(hidden.dtype)
@@ -319,11 +335,17 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
         hidden, weight, target, old_logps, advantages, mask, bias, ref_logps, norm, temp, cap,
         ignore_index, float(beta), kl_estimator, float(epsilon_low), float(eps_high),
         float(dual_clip or 0.0), importance_sampling_level, loss_type, float(cispo_max or 0.0),
+        sampling_logps, rollout_correction or "",
+        -math.inf if rollout_clip[0] is None else float(rollout_clip[0]),
+        math.inf if rollout_clip[1] is None else float(rollout_clip[1]),
+        math.nan if off_policy_threshold is None else float(off_policy_threshold),
         backend, chunk, *need)
     metrics = policy_loss(logp, old_logps, advantages, mask, ref_logps=ref_logps, beta=beta,
                           kl_estimator=kl_estimator, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
                           dual_clip=dual_clip, importance_sampling_level=importance_sampling_level,
-                          loss_type=loss_type, normalizer=norm, entropy=ent, cispo_max=cispo_max).metrics
+                          loss_type=loss_type, normalizer=norm, entropy=ent, cispo_max=cispo_max,
+                          sampling_logps=sampling_logps, rollout_correction=rollout_correction,
+                          rollout_clip=rollout_clip, off_policy_threshold=off_policy_threshold).metrics
     return PolicyLossOutput(loss, metrics)
 
 

@@ -28,6 +28,7 @@ Conventions picked where the reference leaves a choice (§2):
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -121,7 +122,11 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
                 importance_sampling_level: str = "token", loss_type: str = "dapo",
                 normalizer: Union[None, float, torch.Tensor] = None,
                 entropy: Optional[torch.Tensor] = None,
-                cispo_max: Optional[float] = None) -> PolicyLossOutput:
+                cispo_max: Optional[float] = None,
+                sampling_logps: Optional[torch.Tensor] = None,
+                rollout_correction: Optional[str] = None,
+                rollout_clip: tuple = (None, 3.0),
+                off_policy_threshold: Optional[float] = None) -> PolicyLossOutput:
     """Clipped policy-gradient loss of one micro-batch (docs/losses.md §2).
 
     Per token: PPO clip ``-min(rho A, clip(rho, 1-eps_low, 1+eps_high) A)`` (grpo, bnpo, dr_grpo,
@@ -139,6 +144,14 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         (``>= 0``, default epsilon_low), dual_clip (``> 1``), importance_sampling_level
         (token/sequence), loss_type (``LOSS_TYPES``), normalizer (``> 0``), entropy (``[B, T]``,
         logged), cispo_max (``> 0``).
+        sampling_logps: ``[B, T]`` log-probs of the rollout engine that sampled the tokens (the
+            behaviour policy). With it, ``rollout_correction`` (None, ``ROLLOUT_CORRECTIONS``)
+            multiplies the per-token policy loss by a detached importance weight
+            ``exp(old - sampling_logps)`` per token or per sequence, truncated into or masked
+            outside ``rollout_clip = (min, max)`` (either may be None: unbounded), and
+            ``off_policy_threshold`` drops the negative-advantage sequences whose mean
+            ``sampling_logps - logps`` exceeds it (OPSM). TRL 1.16's definitions (module
+            docstring; docs/losses.md §2.1).
 
     Returns:
         ``PolicyLossOutput(loss, metrics)``: scalar loss and a dict of detached scalars.
@@ -180,6 +193,14 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         cispo_max = checks.number(OP, "cispo_max", cispo_max, low=0, low_open=True)
     if beta > 0 and ref_logps is None:
         raise ValueError(f"{OP}: 'ref_logps' is required when 'beta' > 0 (got beta={beta})")
+    clip_lo, clip_hi, off_thr = check_rollout_options(OP, rollout_correction, rollout_clip,
+                                                      off_policy_threshold)
+    if sampling_logps is not None:
+        checks.real(OP, "sampling_logps", sampling_logps)
+        _like("sampling_logps", sampling_logps, logps)
+    elif rollout_correction is not None:
+        raise ValueError(f"{OP}: 'sampling_logps' is required when 'rollout_correction' is "
+                         f"{rollout_correction!r}")
 
     acc = torch.float64 if logps.dtype == torch.float64 else torch.float32
     m = mask if mask.dtype == torch.bool else mask != 0
@@ -205,6 +226,17 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         per_token = -torch.min(rho * adv, torch.clamp(rho, 1 - eps_low, 1 + eps_high) * adv)
         if dual_clip is not None:
             per_token = torch.where(adv < 0, torch.min(per_token, -dual_clip * adv), per_token)
+    samp = None if sampling_logps is None else torch.where(m, sampling_logps.to(acc), zero)
+    is_weight = rollout_weight(old, samp, mf, rollout_correction, clip_lo, clip_hi)
+    keep = None
+    if off_thr is not None:
+        # OPSM on the sampler's log-probs (the old ones without them), as TRL
+        raw_adv = advantages.to(acc)
+        keep = off_policy_keep(raw_adv[:, None] if raw_adv.dim() == 1 else raw_adv, lp,
+                               old if samp is None else samp, mf, off_thr)
+        per_token = per_token * keep.to(acc)
+    if is_weight is not None:
+        per_token = per_token * is_weight
     kl = None
     if ref_logps is not None:
         kl = kl_penalty(lp, torch.where(m, ref_logps.to(acc), zero), kl_estimator)
@@ -238,4 +270,84 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
             metrics["kl"] = mean(kl)
         if entropy is not None:
             metrics["entropy"] = mean(torch.where(m, entropy.to(acc), zero))
+        if samp is not None:
+            metrics.update(mismatch_metrics(samp, old, m))
+        seqs = m.any(-1)
+        n_seq = seqs.sum().clamp(min=1).to(acc)
+        if is_weight is not None:
+            if is_weight.shape[-1] == 1:  # one weight per sequence
+                w = is_weight[:, 0]
+                metrics["rollout/masked_fraction"] = ((w == 0) & seqs).sum() / n_seq
+                metrics["rollout/is_ratio_mean"] = torch.where(seqs, w, 0).sum() / n_seq
+            else:
+                metrics["rollout/masked_fraction"] = mean(is_weight == 0)
+                metrics["rollout/is_ratio_mean"] = mean(is_weight)
+        if keep is not None:
+            dropped = (keep == 0).expand(B, T) & m
+            metrics["rollout/off_policy_masked_fraction"] = (dropped.any(-1)).sum() / n_seq
     return PolicyLossOutput(loss, metrics)
+
+
+ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def check_rollout_options(op, rollout_correction, rollout_clip, off_policy_threshold):
+    """Validates the rollout-correction options; returns (clip_min, clip_max, threshold)."""
+    if rollout_correction is not None:
+        checks.choice(op, "rollout_correction", rollout_correction, ROLLOUT_CORRECTIONS)
+    if not isinstance(rollout_clip, (tuple, list)) or len(rollout_clip) != 2:
+        raise ValueError(f"{op}: 'rollout_clip' must be a pair (min, max) of numbers or None, got "
+                         f"{rollout_clip!r}")
+    lo, hi = (None if v is None else checks.number(op, "rollout_clip", v, low=0)
+              for v in rollout_clip)
+    if (rollout_correction is not None and rollout_correction.endswith("truncate") and lo is None
+            and hi is None):  # TRL's torch.clamp fails there too
+        raise ValueError(f"{op}: 'rollout_clip' needs a min or a max for "
+                         f"rollout_correction={rollout_correction!r}, got (None, None)")
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"{op}: 'rollout_clip' must have min <= max, got {tuple(rollout_clip)}")
+    if off_policy_threshold is not None:
+        off_policy_threshold = checks.number(op, "off_policy_threshold", off_policy_threshold)
+    return lo, hi, off_policy_threshold
+
+
+def rollout_weight(old, samp, mf, mode, clip_min, clip_max):
+    """The detached importance weight of the rollout correction (TRL 1.16's
+    ``vllm_importance_sampling_mode``): ``[B, T]`` for token modes, ``[B, 1]`` for sequence
+    modes; None without a mode. A NaN sampling log-prob (unscored token) gives a log-ratio of 0."""
+    if mode is None or samp is None:
+        return None
+    with torch.no_grad():
+        diff = torch.nan_to_num((old - samp) * mf, nan=0.0)
+        if mode.startswith("sequence"):
+            diff = diff.sum(-1, keepdim=True)
+        w = torch.exp(diff)
+        if mode.endswith("truncate"):
+            return torch.clamp(w, min=clip_min, max=clip_max)
+        lo = -math.inf if clip_min is None else clip_min
+        hi = math.inf if clip_max is None else clip_max
+        return w.masked_fill((w < lo) | (w > hi), 0.0)
+
+
+def off_policy_keep(adv, logps, samp, mf, threshold):
+    """OPSM (DeepSeek-V3.2, TRL's ``off_policy_mask_threshold``): 1 where the advantage is >= 0 or
+    the sequence's mean ``samp - logp`` over its completion tokens is <= threshold, else 0;
+    ``[B, 1]`` (``[B, T]`` for per-token advantages)."""
+    with torch.no_grad():
+        kl = torch.nan_to_num(samp - logps.detach(), nan=0.0)
+        avg = (kl * mf).sum(-1, keepdim=True) / mf.sum(-1, keepdim=True).clamp(min=1.0)
+        return ((adv >= 0) | (avg <= threshold)).to(mf.dtype)
+
+
+def mismatch_metrics(samp, trainer, m) -> dict:
+    """Sampler/trainer mismatch over the completion tokens ``m`` (NaN sampling log-probs left
+    out): mean and max ``|samp - trainer|`` and the k3 estimate of KL(sampler || trainer)."""
+    with torch.no_grad():
+        ok = m & ~torch.isnan(samp)
+        zero = samp.new_zeros(())
+        n = ok.sum().clamp(min=1).to(samp.dtype)
+        d = torch.where(ok, (samp - trainer).abs(), zero)
+        k3 = torch.where(ok, kl_penalty(torch.where(ok, samp, zero), torch.where(ok, trainer, zero),
+                                        "k3"), zero)
+        return {"rollout/logp_diff_mean": d.sum() / n, "rollout/logp_diff_max": d.amax() if d.numel() else zero,
+                "rollout/kl_k3": k3.sum() / n}
