@@ -34,7 +34,7 @@ class RealDemoSettings:
     n_eval: int = 48          # held-out problems for greedy accuracy (before / after GRPO)
     n_ttc: int = 16           # held-out problems for test-time scaling
     max_samples: int = 16     # largest N
-    max_new_tokens: int = 16
+    max_new_tokens: int = 20  # "206 + 883 = 1089" is 14 tokens (digits are single tokens), eos one more
     temperature: float = 0.7  # GRPO rollouts and test-time samples
     grpo_steps: int = 20
     grpo_prompts: int = 2     # prompts per step, each with grpo_group completions
