@@ -29,7 +29,7 @@ template <typename T, bool kCap>
 void stats_impl(const LogprobRowsArgs& a) {
   using A = typename acc<T>::type;
   const int64_t V = a.vocab;
-  const A cap = A(a.softcap), inv_cap = kCap ? A(1) / cap : A(0), inv_t = A(1) / A(a.temperature);
+  const A cap = A(a.softcap), inv_cap = kCap ? A(1.0 / a.softcap) : A(0), inv_t = A(1.0 / a.temperature);
   A* logp = static_cast<A*>(a.logp);
   A* ent = static_cast<A*>(a.entropy);
   A* lse_out = static_cast<A*>(a.lse);
@@ -45,31 +45,51 @@ void stats_impl(const LogprobRowsArgs& a) {
       continue;
     }
     const Row<T, kCap> row{static_cast<const T*>(a.logits) + r * a.row_stride, cap, inv_cap, inv_t};
-    A m = -std::numeric_limits<A>::infinity(), sum_z = 0;
-#pragma omp simd reduction(max : m) reduction(+ : sum_z)
-    for (int64_t j = 0; j < V; ++j) {
-      const A z = row.u(j) * inv_t;
-      m = z > m ? z : m;
-      sum_z += z;
+    // Sums in fp32 blocks of kSumBlock added in double, the row's scalars in double (scalar.h).
+    // The max is taken before the temperature and the row shifted before it is scaled:
+    // z - m = (u - max u) / T. Computing u / T - m instead lets the compiler contract it into
+    // fma(u, 1/T, -m), which differs from the rounded z_y used for logp (logp came out > 0 for
+    // the argmax at T = 1e-3, and inf / NaN entropies at T = 1e-10).
+    A u_max = -std::numeric_limits<A>::infinity();
+    double sum_z = 0;
+    for (int64_t j0 = 0; j0 < V; j0 += kSumBlock) {
+      const int64_t j1 = std::min(V, j0 + kSumBlock);
+      A part = 0;
+#pragma omp simd reduction(max : u_max) reduction(+ : part)
+      for (int64_t j = j0; j < j1; ++j) {
+        const A u = row.u(j);
+        u_max = select(u > u_max, u, u_max);  // see select in scalar.h
+        part += u;
+      }
+      sum_z += part;
     }
-    A d = 0, s1 = 0;
-    if (!std::isnan(sum_z) && sum_z != std::numeric_limits<A>::infinity()) {  // -inf logits are fine
-#pragma omp simd reduction(+ : d, s1)
-      for (int64_t j = 0; j < V; ++j) {
-        const A z = row.u(j) * inv_t, e = fast_exp(z - m);
-        d += e;
-        // Shifted by m for accuracy (mu = m + s1 / d); the max keeps a -inf logit's 0 * -inf at 0
-        // without a branch, so the loop stays vectorized.
-        s1 += e * std::max(z - m, A(-1e30));
+    const double m = double(u_max) * double(inv_t);  // max z
+    double d = 0, s1 = 0;
+    if (!std::isnan(sum_z) && sum_z != std::numeric_limits<double>::infinity()) {  // -inf logits are fine
+      for (int64_t j0 = 0; j0 < V; j0 += kSumBlock) {
+        const int64_t j1 = std::min(V, j0 + kSumBlock);
+        A pd = 0, ps = 0;
+#pragma omp simd reduction(+ : pd, ps)
+        for (int64_t j = j0; j < j1; ++j) {
+          const A zm = (row.u(j) - u_max) * inv_t, e = fast_exp(zm);
+          pd += e;
+          // Shifted by m for accuracy (mu = m + s1 / d); the select keeps a -inf logit's
+          // 0 * -inf at 0 without a branch, so the loop stays vectorized.
+          ps += e * select(zm < A(-1e30), A(-1e30), zm);
+        }
+        d += pd;
+        s1 += ps;
       }
     } else {
-      d = s1 = std::numeric_limits<A>::quiet_NaN();  // NaN / inf logits: say so, never hide it
+      d = s1 = std::numeric_limits<double>::quiet_NaN();  // NaN / inf logits: say so, never hide it
     }
-    const A lse = m + std::log(d), mu = m + s1 / d;
-    logp[r] = row.u(y) * inv_t - lse;
-    lse_out[r] = lse;
-    mu_out[r] = mu;
-    if (ent) ent[r] = lse - mu;
+    // Entropy as log d - s1 / d (both terms >= 0), never lse - mu: that difference cancels m,
+    // which is large when the temperature is low (m = max z / T).
+    const double log_d = std::log(d), s1_d = s1 / d;
+    logp[r] = A(double((row.u(y) - u_max) * inv_t) - log_d);
+    lse_out[r] = A(m + log_d);
+    mu_out[r] = A(m + s1_d);
+    if (ent) ent[r] = A(log_d - s1_d);
   }
 }
 
@@ -77,9 +97,8 @@ template <typename T, bool kCap>
 void grad_impl(const LogprobRowsArgs& a) {
   using A = typename acc<T>::type;
   const int64_t V = a.vocab;
-  const A cap = A(a.softcap), inv_cap = kCap ? A(1) / cap : A(0), inv_t = A(1) / A(a.temperature);
+  const A cap = A(a.softcap), inv_cap = kCap ? A(1.0 / a.softcap) : A(0), inv_t = A(1.0 / a.temperature);
   const A* lse_in = static_cast<const A*>(a.lse);
-  const A* mu_in = static_cast<const A*>(a.mu);
   const A* g_lp = static_cast<const A*>(a.g_logp);
   const A* g_h = static_cast<const A*>(a.g_entropy);
 #pragma omp parallel for schedule(static) if (a.rows * V > (1 << 16))
@@ -91,15 +110,35 @@ void grad_impl(const LogprobRowsArgs& a) {
       continue;
     }
     const Row<T, kCap> row{out, cap, inv_cap, inv_t};
-    const A lse = lse_in[r], mu = mu_in[r];
+    // p and z - mu from the row itself, not from the saved fp32 lse and mu: those are rounded at
+    // the magnitude of max z (5e-7 relative for max z ~ 15, 6e-5 at T = 1e-2), and that error
+    // entered every p unnormalized (2-200x the naive autograd error). One extra sweep renormalizes:
+    // e_j = exp(z_j - l) for the saved l, p_j = e_j / sum e, z_j - mu = (z_j - l) - sum(e (z - l)) / sum e.
+    // The shift is applied before the temperature ((u - l T) / T, no fma contraction), so both
+    // sweeps see the same exponents and l's rounding cancels exactly.
+    const A l_u = A(double(lse_in[r]) * a.temperature);
+    double d = 0, s1 = 0;
+    for (int64_t j0 = 0; j0 < V; j0 += kSumBlock) {
+      const int64_t j1 = std::min(V, j0 + kSumBlock);
+      A pd = 0, ps = 0;
+#pragma omp simd reduction(+ : pd, ps)
+      for (int64_t j = j0; j < j1; ++j) {
+        const A zl = (row.u(j) - l_u) * inv_t, e = fast_exp(zl);
+        pd += e;
+        ps += e * select(zl < A(-1e30), A(-1e30), zl);
+      }
+      d += pd;
+      s1 += ps;
+    }
+    const A inv_d = A(1.0 / d), mu_l = A(s1 / d);  // 1 / sum e, mu - l
     const A glp = g_lp ? g_lp[r] * inv_t : A(0), gh = g_h ? g_h[r] * inv_t : A(0);
     const bool in_range = y >= 0 && y < V;
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) {
-      const A u = row.u(j), z = u * inv_t, p = fast_exp(z - lse);
-      A g = (j == y ? glp : A(0)) - glp * p - gh * p * std::max(z - mu, A(-1e30));
-      if (kCap) g *= A(1) - (u * inv_cap) * (u * inv_cap);
-      store(out[j], in_range ? g : std::numeric_limits<A>::quiet_NaN());
+      const A u = row.u(j), zl = (u - l_u) * inv_t, p = fast_exp(zl) * inv_d;
+      A g = select(j == y, glp, A(0)) - glp * p - gh * p * select(zl < A(-1e30), A(-1e30), zl - mu_l);
+      if (kCap) g *= softcap_grad(A(load(out[j])), inv_cap);
+      store(out[j], select(in_range, g, std::numeric_limits<A>::quiet_NaN()));
     }
   }
 }
