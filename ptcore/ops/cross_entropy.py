@@ -22,6 +22,7 @@ from ptcore.ops.rows import CROSS_ENTROPY_ROWS
 
 OP = "linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
+MAX_Z_LOSS = 1e4  # z_loss * lse^2 stays finite in fp32; typical values are 1e-4
 
 
 def _chunked(x, w, t, b, *, ignore_index, label_smoothing, z_loss, softcap, backend, chunk, scale,
@@ -192,7 +193,7 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
         bias: optional ``(V,)``.
         ignore_index: target value whose rows add nothing (loss 0, zero gradients).
         label_smoothing: in ``[0, 1]``, PyTorch's definition.
-        z_loss: coefficient of the PaLM z-loss ``lse^2`` (>= 0).
+        z_loss: coefficient of the PaLM z-loss ``lse^2`` (0 <= z_loss <= 1e4; PaLM used 1e-4).
         softcap: Gemma-2 logit soft-capping ``c * tanh(z / c)``; None disables it.
         reduction: ``"mean"`` (over non-ignored rows), ``"sum"`` or ``"none"`` (shape of target).
 
@@ -207,7 +208,8 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     """
     cap = checks.lm_head(OP, input, weight, target, bias, ignore_index, softcap)
     ls = checks.number(OP, "label_smoothing", label_smoothing, low=0.0, high=1.0)
-    zl = checks.number(OP, "z_loss", z_loss, low=0.0)
+    # z_loss * lse^2 must stay finite in fp32 (1e39 overflowed to inf): the PaLM value is 1e-4.
+    zl = checks.number(OP, "z_loss", z_loss, low=0.0, high=MAX_Z_LOSS)
     checks.choice(OP, "reduction", reduction, REDUCTIONS)
 
     backend, chunk = head_plan(input, weight, OP)

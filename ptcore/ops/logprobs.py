@@ -13,7 +13,7 @@ import torch
 
 from ptcore.ops import checks
 from ptcore.ops.chunked import acc_dtype, empty_head_grads, head_plan, run_chunks, scatter_rows, valid_rows
-from ptcore.ops.rows import LOGPROB_GRAD, LOGPROB_STATS
+from ptcore.ops.rows import LOGPROB_GRAD, LOGPROB_STATS, check_temperature
 
 OP = "linear_logprobs"
 # Rows per logits GEMM in deterministic mode: a constant, so no row's result depends on the batch
@@ -160,7 +160,8 @@ def linear_logprobs(input: torch.Tensor, weight: torch.Tensor, target: torch.Ten
 
     Args:
         input: ``(..., H)`` hidden states; weight ``(V, H)``; target ``(...)`` int64.
-        temperature: the sampler's temperature (old log-probs must use the sampler's distribution).
+        temperature: the sampler's temperature (old log-probs must use the sampler's distribution);
+            >= 1e-2 (ptcore.ops.rows.MIN_TEMPERATURE): below it fp32 log-probs lose their precision.
         softcap: Gemma-2 logit soft-capping, applied before the temperature.
         ignore_index: rows with this target (prompt, padding) return 0 and cost no GEMM work (CPU).
         deterministic: each row's results are bitwise independent of the other rows in the batch
@@ -178,6 +179,7 @@ def linear_logprobs(input: torch.Tensor, weight: torch.Tensor, target: torch.Ten
     """
     cap = checks.lm_head(OP, input, weight, target, bias, ignore_index, softcap)
     temp = checks.number(OP, "temperature", temperature, low=0.0, low_open=True)
+    check_temperature(OP, temp)
     checks.flag(OP, "return_entropy", return_entropy)  # "no" would be truthy
     checks.flag(OP, "deterministic", deterministic)
     backend, chunk = head_plan(input, weight, OP)

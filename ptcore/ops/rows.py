@@ -20,13 +20,20 @@ def _scale_stride(scale: torch.Tensor | None) -> int:
     return 0 if scale is None or scale.numel() == 1 else scale.stride(0)
 
 
+def softcap_torch(z, cap):
+    """``cap * tanh(z / cap)``, also for caps beyond the dtype's range (1e300 in fp32: z, not NaN):
+    where |z / cap| < 1e-3 it is ``z * (1 - (z / cap)^2 / 3)``, exact to below an ulp."""
+    x = z / cap
+    return torch.where(x.abs() < 1e-3, z * (1 - x * x / 3), cap * torch.tanh(x))
+
+
 def rows_torch(logits, target, loss, lse, scale, *, ignore_index, label_smoothing, z_loss, softcap,
                write_grad):
     """Reference implementation in plain PyTorch (fp32 math, fp64 for fp64 logits)."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits.to(acc)
     if softcap:
-        z = softcap * torch.tanh(z / softcap)
+        z = softcap_torch(z, softcap)
     V = z.shape[1]
     valid = target != ignore_index
     # An out-of-range target gets NaN, as in the CUDA kernels (the op raises for CPU tensors first).
@@ -95,7 +102,7 @@ def _tempered(logits, softcap, temperature):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     u = logits.to(acc)
     if softcap:
-        u = softcap * torch.tanh(u / softcap)
+        u = softcap_torch(u, softcap)
     return u, u / temperature
 
 
@@ -121,7 +128,11 @@ def logprob_grad_torch(logits, target, lse, mu, g_logp, g_entropy, *, ignore_ind
     V = z.shape[1]
     valid = target != ignore_index
     in_range = (target >= 0) & (target < V)
-    p = torch.exp(z - lse.unsqueeze(1))
+    # From the row itself, shifted by its max, rather than from the saved fp32 lse and mu: both
+    # are rounded at the magnitude of the logits (~1e-6 for |z| ~ 15), and mu's rounding error
+    # times p does not cancel in the entropy gradient (2.5x the naive autograd error before).
+    zc = z - z.amax(dim=1, keepdim=True)
+    p = torch.softmax(z, dim=1)
     g = torch.zeros_like(z)
     if g_logp is not None:
         glp = g_logp.to(z.dtype).unsqueeze(1) / temperature
@@ -129,7 +140,8 @@ def logprob_grad_torch(logits, target, lse, mu, g_logp, g_entropy, *, ignore_ind
         safe_t = torch.where(valid & in_range, target, torch.zeros_like(target)).unsqueeze(1)
         g.scatter_add_(1, safe_t, glp)
     if g_entropy is not None:
-        g = g - (g_entropy.to(z.dtype).unsqueeze(1) / temperature) * torch.where(p > 0, p * (z - mu.unsqueeze(1)), 0.0)
+        mu_c = torch.where(p > 0, p * zc, 0.0).sum(dim=1, keepdim=True)  # mu - max z
+        g = g - (g_entropy.to(z.dtype).unsqueeze(1) / temperature) * torch.where(p > 0, p * (zc - mu_c), 0.0)
     if softcap:
         g = g * (1 - (u / softcap) ** 2)
     g = torch.where(in_range.unsqueeze(1), g, float("nan"))
@@ -171,7 +183,29 @@ def logprob_grad_triton(logits, target, lse, mu, g_logp, g_entropy, **kw):
     _ext.triton_kernels().logprob_rows_grad(logits, target, lse, mu, g_logp, g_entropy, **kw)
 
 
-LOGPROB_STATS = {"torch": logprob_stats_torch, "cpu": logprob_stats_native(_ext.cpu_module),
-                 "cuda": logprob_stats_native(_ext.cuda_module), "triton": logprob_stats_triton}
-LOGPROB_GRAD = {"torch": logprob_grad_torch, "cpu": logprob_grad_native(_ext.cpu_module),
-                "cuda": logprob_grad_native(_ext.cuda_module), "triton": logprob_grad_triton}
+# The lowest temperature the log-prob rows take, on every backend: below it z = u / T is so
+# large that fp32 loses the log-probs' digits (the saved lse = max z + log d rounds at ulp(max z),
+# 1e-4 relative in every p at T = 1e-2 with |u| ~ 15), and below ~1e-10 results became inf / NaN
+# (a policy loss of 3.8e8 instead of 2.12 at T = 1e-30). Greedy decoding has no log-probs to train on.
+MIN_TEMPERATURE = 1e-2
+
+
+def check_temperature(op: str, temperature: float) -> None:
+    if not temperature >= MIN_TEMPERATURE:
+        raise ValueError(f"{op}: 'temperature' must be >= {MIN_TEMPERATURE} (fp32 log-probs lose their "
+                         f"precision below it), got {temperature}")
+
+
+def _checked(name, fn):
+    def rows(*args, temperature, **kw):
+        check_temperature(name, temperature)
+        return fn(*args, temperature=temperature, **kw)
+    return rows
+
+
+LOGPROB_STATS = {k: _checked("logprob rows", f) for k, f in (
+    ("torch", logprob_stats_torch), ("cpu", logprob_stats_native(_ext.cpu_module)),
+    ("cuda", logprob_stats_native(_ext.cuda_module)), ("triton", logprob_stats_triton))}
+LOGPROB_GRAD = {k: _checked("logprob rows", f) for k, f in (
+    ("torch", logprob_grad_torch), ("cpu", logprob_grad_native(_ext.cpu_module)),
+    ("cuda", logprob_grad_native(_ext.cuda_module)), ("triton", logprob_grad_triton))}
