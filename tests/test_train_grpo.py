@@ -34,16 +34,16 @@ def test_old_logps_are_the_samplers(tmp_path):
     prompts = prompt_examples(load_records(DATA, "grpo"), tok, 32, report=False)
     cfg = TrainConfig(output_dir=str(tmp_path), batch_size=4, max_length=48)
     obj = GRPOObjective(prompts, tok, cfg, reward_fns=[first_char], group_size=2, temperature=0.7,
-                        max_new_tokens=6)
+                        max_new_tokens=6, rollout="hf")
     obj.prepare_model(model)
     obj.setup(model, obj.ctx, cfg)
     scores = {}
     real = model.generate
 
     def generate(**kw):
-        out = real(**kw, output_scores=True, return_dict_in_generate=True)
+        out = real(**kw)  # the rollout asks for output_scores itself (its sampling_logps)
         scores["s"] = torch.stack(out.scores, 1)  # [B, new, V], after the temperature
-        return out.sequences
+        return out
 
     model.generate = generate
     batch = obj.make_rollout(model, prompts)
@@ -58,6 +58,9 @@ def test_old_logps_are_the_samplers(tmp_path):
     assert m.sum() > 8 and (batch["attention_mask"][:, 0] == 0).any()  # some prompts are padded
     torch.testing.assert_close(ours[m].double(), sampler[m], rtol=1e-4, atol=1e-4)
     assert (batch["old_logps"][~mask] == 0).all()
+    # the rollout's sampling_logps are generate's own, at the same positions
+    torch.testing.assert_close(batch["sampling_logps"][:, P - 1:-1][m].double(), sampler[m], rtol=1e-6, atol=1e-6)
+    assert metrics["rollout/logp_diff_max"] < 1e-4
     assert batch["advantages"].shape == (8,)
 
 

@@ -88,7 +88,27 @@ def make_parser(kind: str) -> argparse.ArgumentParser:
         p.add_argument("--loss-type", default="dapo", choices=PG_TYPES)
         p.add_argument("--epsilon", type=float, default=0.2)
         p.add_argument("--epsilon-high", type=float, default=None)
+        p.add_argument("--rollout", default="engine", choices=("engine", "hf"),
+                       help="sample on ptcore.engine (default) or with HF generate")
+        p.add_argument("--rollout-correction", default=None,
+                       choices=("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+                       help="importance weight of the sampler/trainer mismatch (TRL's vllm_importance_sampling_mode)")
+        p.add_argument("--rollout-clip-min", type=float, default=None)
+        p.add_argument("--rollout-clip-max", type=float, default=3.0)
+        p.add_argument("--no-rollout-clip-max", action="store_true", help="no upper bound (mask modes)")
+        p.add_argument("--off-policy-threshold", type=float, default=None, help="OPSM threshold")
+        p.add_argument("--stop-string", action="append", default=[], help="repeatable (engine rollouts)")
+        p.add_argument("--engine-max-tokens", type=int, default=None, help="the engine's KV cache")
+        p.add_argument("--deterministic", action="store_true",
+                       help="batch-invariant trainer log-probs (linear_logprobs deterministic=True)")
     return p
+
+
+def _rollout_kwargs(args) -> dict:
+    return dict(rollout=args.rollout, rollout_correction=args.rollout_correction,
+                rollout_clip=(args.rollout_clip_min, None if args.no_rollout_clip_max else args.rollout_clip_max),
+                off_policy_threshold=args.off_policy_threshold, stop_strings=tuple(args.stop_string),
+                engine_max_tokens=args.engine_max_tokens, deterministic=args.deterministic)
 
 
 def _config(args) -> TrainConfig:
@@ -199,7 +219,7 @@ def _check_options(kind: str, args) -> None:
         check_options(group_size=args.group_size, temperature=args.temperature,
                       max_new_tokens=args.max_new_tokens, num_iterations=args.num_iterations,
                       kl_coef=args.kl_coef, loss_type=args.loss_type, epsilon_low=args.epsilon,
-                      epsilon_high=args.epsilon_high)
+                      epsilon_high=args.epsilon_high, **_rollout_kwargs(args))
     if args.data:
         from ptcore.train import data as D
         records = D.load_records(args.data, kind)  # a bad file fails here, before any model loads
@@ -227,7 +247,7 @@ def _main(kind: str, args) -> int:
                           temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                           num_iterations=args.num_iterations, kl_coef=args.kl_coef,
                           loss_type=args.loss_type, epsilon_low=args.epsilon,
-                          epsilon_high=args.epsilon_high)
+                          epsilon_high=args.epsilon_high, **_rollout_kwargs(args))
     last = result.metrics[-1] if result.metrics else {}
     if _rank() == 0:
         print(f"ptcore {kind}: {result.step} steps, final loss {last.get('loss', float('nan')):.4f}; "

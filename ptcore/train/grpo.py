@@ -58,7 +58,9 @@ def _int(op, name, value, low):
 def check_options(*, reward_fns=(answer_reward,), reward_weights=None, group_size=8, temperature=1.0,
                   max_new_tokens=64, num_iterations=1, kl_coef=0.0, loss_type="dapo",
                   epsilon_low=0.2, epsilon_high=None, estimator="grpo", scale_rewards="group",
-                  kl_estimator="k3"):
+                  kl_estimator="k3", rollout="engine", rollout_correction=None, rollout_clip=(None, 3.0),
+                  off_policy_threshold=None, stop_strings=(), engine_max_tokens=None,
+                  deterministic=False):
     """Raises ValueError / TypeError naming a bad GRPO option (by run_grpo's names: ``kl_coef``,
     not the loss's ``beta``), before any work. Returns (reward functions, their weights)."""
     from ptcore.ops import checks
@@ -77,6 +79,19 @@ def check_options(*, reward_fns=(answer_reward,), reward_weights=None, group_siz
     checks.choice(op, "estimator", estimator, ESTIMATORS)
     checks.choice(op, "scale_rewards", scale_rewards, SCALES)
     checks.choice(op, "kl_estimator", kl_estimator, KL_ESTIMATORS)
+    checks.choice(op, "rollout", rollout, ROLLOUTS)
+    from ptcore.ops.policy import check_rollout_options
+    check_rollout_options(op, rollout_correction, rollout_clip, off_policy_threshold)
+    if (not isinstance(stop_strings, (list, tuple))
+            or not all(isinstance(x, str) and x for x in stop_strings)):
+        raise ValueError(f"{op}: 'stop_strings' must be a list of non-empty strings, got {stop_strings!r}")
+    if stop_strings and rollout != "engine":
+        raise ValueError(f"{op}: 'stop_strings' need rollout='engine' (HF generate's stop strings "
+                         f"need its tokenizer object), got rollout={rollout!r}")
+    if engine_max_tokens is not None:
+        _int(op, "engine_max_tokens", engine_max_tokens, 1)
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"{op}: 'deterministic' must be a bool, got {deterministic!r}")
     fns = list(reward_fns) if isinstance(reward_fns, (list, tuple)) else [reward_fns]
     if not fns or not all(callable(f) for f in fns):
         raise ValueError(f"{op}: 'reward_fns' must be a callable or a non-empty list of callables")
@@ -87,6 +102,9 @@ def check_options(*, reward_fns=(answer_reward,), reward_weights=None, group_siz
     return fns, weights
 
 
+ROLLOUTS = ("engine", "hf")
+
+
 class GRPOObjective(BaseObjective):
     name = "grpo"
 
@@ -94,13 +112,24 @@ class GRPOObjective(BaseObjective):
                  group_size: int = 8, temperature: float = 1.0, max_new_tokens: int = 64,
                  num_iterations: int = 1, kl_coef: float = 0.0, ref_model=None, loss_type: str = "dapo",
                  epsilon_low: float = 0.2, epsilon_high=None, estimator: str = "grpo",
-                 scale_rewards: str = "group", kl_estimator: str = "k3"):
+                 scale_rewards: str = "group", kl_estimator: str = "k3", rollout: str = "engine",
+                 rollout_correction=None, rollout_clip=(None, 3.0), off_policy_threshold=None,
+                 stop_strings=(), engine_max_tokens=None, deterministic: bool = False):
         super().__init__(prompts, config)
         fns, weights = check_options(
             reward_fns=reward_fns, reward_weights=reward_weights, group_size=group_size,
             temperature=temperature, max_new_tokens=max_new_tokens, num_iterations=num_iterations,
             kl_coef=kl_coef, loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-            estimator=estimator, scale_rewards=scale_rewards, kl_estimator=kl_estimator)
+            estimator=estimator, scale_rewards=scale_rewards, kl_estimator=kl_estimator,
+            rollout=rollout, rollout_correction=rollout_correction, rollout_clip=rollout_clip,
+            off_policy_threshold=off_policy_threshold, stop_strings=stop_strings,
+            engine_max_tokens=engine_max_tokens, deterministic=deterministic)
+        self.rollout_kind, self.stop_strings = rollout, tuple(stop_strings)
+        self.engine_max_tokens, self.deterministic = engine_max_tokens, deterministic
+        self.engine = None
+        self._rollout_for = 0
+        self.rollout_opts = dict(rollout_correction=rollout_correction, rollout_clip=tuple(rollout_clip),
+                                 off_policy_threshold=off_policy_threshold)
         self.reward_fns = fns
         self.reward_weights = weights
         self.tokenizer = tokenizer
@@ -125,6 +154,56 @@ class GRPOObjective(BaseObjective):
             patch(self.ref_model)
             self.ref_model.to(self.device).eval().requires_grad_(False)
         self.n_params = count_parameters(model)
+        if self.rollout_kind == "engine":
+            self.engine = self._make_engine(model)
+
+    def _make_engine(self, model):
+        """The rollout engine over the policy's own parameters (no copy: ``fuse_weights=False``
+        keeps views of the parameters, which the optimizer updates in place, so every rollout
+        samples with the current weights; ``weights_version`` proves it)."""
+        from ptcore.engine import Engine
+        if self.ctx.enabled and self.config.strategy == "fsdp":
+            raise ValueError("run_grpo: rollout='engine' needs the whole parameters on each rank; "
+                             "use rollout='hf' with strategy='fsdp'")
+        policy = unwrap(model)
+        was_training = policy.training
+        P = max(len(p["prompt"]) for p in self.items)
+        need = self.G * (P + self.max_new_tokens)  # one group, every page unshared (an upper bound)
+        tokens = self.engine_max_tokens or max(4096, 2 * need)
+        if P + self.max_new_tokens > tokens:
+            raise ValueError(f"run_grpo: a prompt of {P} tokens plus max_new_tokens="
+                             f"{self.max_new_tokens} does not fit the engine's cache of "
+                             f"engine_max_tokens={tokens} tokens")
+        engine = Engine(policy, tokenizer=self.tokenizer, page_size=16, max_cached_tokens=tokens,
+                        fuse_weights=False)
+        policy.train(was_training)  # the Engine puts its model in eval mode
+        engine.eos_token_ids = () if self.eos_id is None else (int(self.eos_id),)
+        self.pages_per_group = self._pages_per_group(engine, P)
+        if self.pages_per_group > engine.pool.num_pages:
+            raise ValueError(f"run_grpo: engine_max_tokens={tokens} is too small for one group of "
+                             f"{self.G} completions of prompts up to {P} tokens and max_new_tokens="
+                             f"{self.max_new_tokens} (needs {self.pages_per_group * engine.page_size})")
+        return engine
+
+    def _pages_per_group(self, engine, P):
+        ps = engine.page_size
+        shared = P // ps  # full prompt pages, shared by the G forks
+        return shared + self.G * (-(-(P + self.max_new_tokens) // ps) - shared)
+
+    @staticmethod
+    def weights_checksum(tensors) -> float:
+        """A float64 sum over ``tensors``: which weights a rollout read (the fused AdamW updates
+        parameters without bumping torch's in-place version counters, so those cannot tell)."""
+        return float(sum(t.sum(dtype=torch.float64) for t in tensors if t is not None))
+
+    def engine_weights(self):
+        """The tensors the engine's forward reads (views of the policy's parameters)."""
+        m = self.engine.model
+        out = [m.embed, m.norm, m.lm_head, m.lm_head_bias]
+        for L in m.layers:
+            out += [L.ln1, L.ln2, L.q_norm, L.k_norm, *L.o, *L.down]
+            out += [t for pair in L.qkv + L.gate_up for t in pair]
+        return out
 
     # -- rollouts -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -142,16 +221,15 @@ class GRPOObjective(BaseObjective):
         ids, attn = ids.to(self.device), attn.to(self.device)
         was_training = policy.training
         policy.eval()
-        with _autocast(self.device, self.config.bf16):
-            cache = self._shared_prompt_cache(policy, ids[::self.G], attn[::self.G])
-            seqs = policy.generate(input_ids=ids, attention_mask=attn, do_sample=True,
-                                   temperature=self.temperature, top_k=0, top_p=1.0,
-                                   max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
-                                   eos_token_id=self.eos_id, cache=cache,
-                                   # FSDP2: every rank must run as many forwards (all-gathers)
-                                   synced_gpus=self.ctx.enabled and self.config.strategy == "fsdp")
-        comp = seqs[:, P:]
-        cmask = completion_mask(comp, self.eos_id, self.pad_id).to(attn.dtype)
+        # the weights this rollout samples with: the engine's own views of them
+        version = self.weights_checksum(self.engine_weights() if self.engine is not None
+                                        else list(policy.parameters()))
+        if self.engine is not None:
+            comp, cmask, samp = self._sample_engine(prompts)
+            comp, cmask, samp = comp.to(self.device), cmask.to(attn.dtype).to(self.device), samp.to(self.device)
+        else:
+            comp, cmask, samp = self._sample_hf(policy, ids, attn)
+            cmask = cmask.to(attn.dtype)
         comp = torch.where(cmask.bool(), comp, torch.full_like(comp, self.pad_id))
         input_ids = torch.cat([ids, comp], 1)
         attention = torch.cat([attn, cmask], 1)
@@ -162,7 +240,9 @@ class GRPOObjective(BaseObjective):
         target[:, P - 1:T - 1] = comp
         mask[:, P - 1:T - 1] = cmask
         target = torch.where(mask.bool(), target, torch.full_like(target, -100))
-        batch = {"input_ids": input_ids, "attention_mask": attention,
+        sampling_logps = torch.zeros(target.shape, dtype=torch.float32, device=target.device)
+        sampling_logps[:, P - 1:T - 1] = torch.where(cmask.bool(), samp.float(), 0.0)
+        batch = {"sampling_logps": sampling_logps, "input_ids": input_ids, "attention_mask": attention,
                  "position_ids": (attention.cumsum(-1) - 1).clamp(min=0), "target": target, "mask": mask}
 
         texts = [self.tokenizer.decode(c[m.bool()].tolist(), skip_special_tokens=True)
@@ -175,15 +255,30 @@ class GRPOObjective(BaseObjective):
         total = torch.zeros(len(rows), dtype=torch.float32)
         per_fn = {}
         for fn, w in zip(self.reward_fns, self.reward_weights):
-            vals = fn(prompts=prompt_texts, completions=texts, **columns)
+            name = getattr(fn, "__name__", fn)
+            try:
+                vals = fn(prompts=prompt_texts, completions=texts, **columns)
+            except Exception as e:
+                raise RuntimeError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
+            if not hasattr(vals, "__len__"):
+                raise ValueError(f"reward function {name!r} returned {type(vals).__name__}, not a "
+                                 f"list of {len(rows)} values")
             if len(vals) != len(rows):
                 raise ValueError(f"reward function {getattr(fn, '__name__', fn)!r} returned {len(vals)} "
                                  f"values for {len(rows)} completions")
-            r = torch.tensor([math.nan if v is None else float(v) for v in vals], dtype=torch.float32)
+            try:
+                r = torch.tensor([math.nan if v is None else float(v) for v in vals], dtype=torch.float32)
+            except (TypeError, ValueError):
+                raise ValueError(f"reward function {name!r} returned a value that is not a number "
+                                 f"(or None): {list(vals)[:8]!r}") from None
+            nan = [i for i, v in enumerate(vals) if v is not None and math.isnan(float(v))]
+            if nan:
+                raise ValueError(f"reward function {name!r} returned NaN for completion {nan[0]}; "
+                                 f"return None for a missing reward")
             if bool(torch.isinf(r).any()):
                 i = int(torch.isinf(r).nonzero()[0, 0])
                 raise ValueError(f"reward function {getattr(fn, '__name__', fn)!r} returned {vals[i]!r} for "
-                                 f"completion {i}; a reward must be finite (None or NaN: missing)")
+                                 f"completion {i}; a reward must be finite (None: missing)")
             per_fn[getattr(fn, "__name__", "reward")] = r
             total = total + w * r
         adv = group_advantages(total, self.G, estimator=self.estimator, scale=self.scale_rewards)
@@ -207,9 +302,75 @@ class GRPOObjective(BaseObjective):
                           if self.eos_id is not None else 0.0,
                           **{f"rewards/{k}": float(v[~torch.isnan(v)].mean()) if (~torch.isnan(v)).any() else 0.0
                              for k, v in per_fn.items()}}
+        batch["stats"]["rollout/policy_step"] = self._rollout_for  # the version it claims
+        batch["stats"]["rollout/weights_checksum"] = version
         batch["units"] = self._units(mask)
         batch["tokens"] = n_tok
         return batch
+
+    def _sample_hf(self, policy, ids, attn):
+        """HF ``generate`` (the fallback and baseline): completions ``[B, L]``, their mask, and the
+        sampler's log-probs (``output_scores``: the logits after the temperature, which is all the
+        processing here, so the log-softmax is the sampled distribution's)."""
+        P = ids.shape[1]
+        with _autocast(self.device, self.config.bf16):
+            cache = self._shared_prompt_cache(policy, ids[::self.G], attn[::self.G])
+            out = policy.generate(input_ids=ids, attention_mask=attn, do_sample=True,
+                                  temperature=self.temperature, top_k=0, top_p=1.0,
+                                  max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
+                                  eos_token_id=self.eos_id, cache=cache, output_scores=True,
+                                  return_dict_in_generate=True,
+                                  # FSDP2: every rank must run as many forwards (all-gathers)
+                                  synced_gpus=self.ctx.enabled and self.config.strategy == "fsdp")
+        comp = out.sequences[:, P:]
+        scores = torch.stack(out.scores, 1).float()[:, :comp.shape[1]]
+        samp = torch.log_softmax(scores, -1).gather(-1, comp[..., None])[..., 0]
+        cmask = completion_mask(comp, self.eos_id, self.pad_id)
+        return comp, cmask, samp
+
+    def _sample_engine(self, prompts):
+        """G completions per prompt on the engine: each prompt is prefilled once and its G
+        completions fork from it; per-request seeds (config.seed, rollout step, prompt); groups
+        run as many at a time as the cache holds. Every sequence is released (nothing stays in
+        the radix cache: the next step's weights differ), also on error."""
+        from ptcore.engine import SamplingParams
+        eng = self.engine
+        rows_tok, rows_lp = [], []
+        per_batch = max(1, eng.pool.num_pages // self.pages_per_group)
+        for g0 in range(0, len(prompts), per_batch):
+            chunk = prompts[g0:g0 + per_batch]
+            roots, seqs, sp, gens = [], [], [], []
+            try:
+                for k, p in enumerate(chunk):
+                    seed = hash((int(self.config.seed), int(self._rollout_for), self.ctx.rank,
+                                 g0 + k)) & (2**62 - 1)
+                    params = SamplingParams(max_new_tokens=self.max_new_tokens,
+                                            temperature=self.temperature, seed=seed,
+                                            stop_strings=self.stop_strings)
+                    roots.append(eng.start(list(p["prompt"]), compute=False))
+                    sp += [params] * self.G
+                    gens += eng.generators(params, self.G)
+                eng.forward(roots, [[] for _ in roots])  # the prompts' one prefill, batched
+                for root in roots:
+                    seqs += [eng.fork(root) for _ in range(self.G)]
+                    eng.release(root)
+                done = eng.generate_from(seqs, sp, gens)
+            finally:
+                for s in roots + seqs:
+                    if s.alive:
+                        eng.release(s)
+                eng.flush()
+            rows_tok += [c.tokens for c in done]
+            rows_lp += [c.logprobs for c in done]
+        L = max(len(t) for t in rows_tok)
+        comp = torch.full((len(rows_tok), L), self.pad_id, dtype=torch.long)
+        cmask = torch.zeros((len(rows_tok), L), dtype=torch.long)
+        samp = torch.zeros((len(rows_tok), L), dtype=torch.float32)
+        for i, (t, lp) in enumerate(zip(rows_tok, rows_lp)):
+            comp[i, :len(t)] = torch.tensor(t)
+            cmask[i, :len(t)] = 1
+            samp[i, :len(t)] = torch.tensor(lp)
+        return comp, cmask, samp
 
     def _shared_prompt_cache(self, policy, ids, attn):
         """The KV cache of each prompt but its last token, computed ONCE per prompt and repeated
@@ -248,6 +409,7 @@ class GRPOObjective(BaseObjective):
         if self.rollout is None or self.rollout_step != rollout_step:
             # The prompts of rollout k are the k-th global batch of prompts.
             batches = self.batches(rollout_step // self.num_iterations)
+            self._rollout_for = rollout_step
             self.rollout = [self.make_rollout(model, prompts) for prompts in batches]
             self.rollout_step = rollout_step
         return self.rollout
@@ -267,10 +429,12 @@ class GRPOObjective(BaseObjective):
                 # Later passes reuse them.
                 with torch.no_grad():
                     mb["old_logps"] = linear_logprobs(hidden.detach(), weight.detach(), mb["target"],
-                                                      softcap=softcap, temperature=self.temperature)
+                                                      softcap=softcap, temperature=self.temperature,
+                                                      deterministic=self.deterministic)
             return linear_policy_loss(hidden, weight, mb["target"], mb["old_logps"], mb["advantages"],
                                       mb["mask"], ref_logps=mb.get("ref_logps"), softcap=softcap,
                                       temperature=self.temperature, normalizer=float(max(global_units, 1)),
+                                      sampling_logps=mb.get("sampling_logps"), **self.rollout_opts,
                                       **self.loss_opts)
 
         out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
@@ -307,18 +471,34 @@ def run_grpo(model, tokenizer, data, config: TrainConfig, *, reward_fns=(answer_
              max_new_tokens: int = 64, num_iterations: int = 1, kl_coef: float = 0.0,
              ref_model=None, loss_type: str = "dapo", epsilon_low: float = 0.2, epsilon_high=None,
              estimator: str = "grpo", scale_rewards: str = "group",
-             max_prompt_length: int = None) -> TrainResult:
+             max_prompt_length: int = None, rollout: str = "engine", rollout_correction=None,
+             rollout_clip=(None, 3.0), off_policy_threshold=None, stop_strings=(),
+             engine_max_tokens=None, deterministic: bool = False) -> TrainResult:
     """GRPO on ``data`` (jsonl path or list of dicts with ``prompt`` and, for the built-in reward,
     ``answer``). ``config.batch_size`` counts prompts; each gets ``group_size`` completions.
     ``loss_type`` is any of :func:`ptcore.ops.policy_loss`'s (default dapo: token-mean over the
     whole optimizer step); ``kl_coef > 0`` adds the KL to ``ref_model`` (default: a frozen copy of
     the initial model). Every option is checked first; with the built-in :func:`answer_reward`,
-    a record without ``answer`` is a DataError at load time (file and line)."""
+    a record without ``answer`` is a DataError at load time (file and line).
+
+    Rollouts: ``rollout="engine"`` (default) samples on :class:`ptcore.engine.Engine` over the
+    policy's own parameters (each prompt prefilled once, its G completions forked from it,
+    per-request seeds, ``stop_strings`` and eos honoured, every page back in the pool after
+    the rollout; ``engine_max_tokens`` sizes its KV cache), ``"hf"`` uses ``model.generate``.
+    Either way the sampler's log-probs reach the loss as ``sampling_logps``:
+    ``rollout_correction`` / ``rollout_clip`` / ``off_policy_threshold`` are
+    :func:`ptcore.ops.policy_loss`'s (TRL 1.16's vLLM importance-sampling correction and OPSM),
+    and the mismatch metrics (``rollout/logp_diff_mean|max``, ``rollout/kl_k3``, the masked
+    fractions) go to metrics.jsonl. ``deterministic`` computes the trainer's old log-probs with
+    ``linear_logprobs(deterministic=True)``."""
     check_options(reward_fns=reward_fns, reward_weights=reward_weights, group_size=group_size,
                   temperature=temperature, max_new_tokens=max_new_tokens,
                   num_iterations=num_iterations, kl_coef=kl_coef, loss_type=loss_type,
                   epsilon_low=epsilon_low, epsilon_high=epsilon_high, estimator=estimator,
-                  scale_rewards=scale_rewards)
+                  scale_rewards=scale_rewards, rollout=rollout, rollout_correction=rollout_correction,
+                  rollout_clip=rollout_clip, off_policy_threshold=off_policy_threshold,
+                  stop_strings=stop_strings, engine_max_tokens=engine_max_tokens,
+                  deterministic=deterministic)
     records = D.load_records(data, "grpo")
     fns = list(reward_fns) if isinstance(reward_fns, (list, tuple)) else [reward_fns]
     if answer_reward in fns:
@@ -329,5 +509,8 @@ def run_grpo(model, tokenizer, data, config: TrainConfig, *, reward_fns=(answer_
                               group_size=group_size, temperature=temperature, max_new_tokens=max_new_tokens,
                               num_iterations=num_iterations, kl_coef=kl_coef, ref_model=ref_model,
                               loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                              estimator=estimator, scale_rewards=scale_rewards)
+                              estimator=estimator, scale_rewards=scale_rewards, rollout=rollout,
+                              rollout_correction=rollout_correction, rollout_clip=rollout_clip,
+                              off_policy_threshold=off_policy_threshold, stop_strings=stop_strings,
+                              engine_max_tokens=engine_max_tokens, deterministic=deterministic)
     return train(model, objective, config, tokenizer=tokenizer)

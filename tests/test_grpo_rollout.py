@@ -1,0 +1,212 @@
+"""GRPO rollouts on ptcore.engine.Engine: the policy's own parameters (no copy, the version counter
+of the weights it sampled with), the sampler's log-probs against the trainer's, reproducible seeds,
+eos and stop strings, every page back in the pool, and bad input leaving no sequence in the cache."""
+import math
+
+import pytest
+import torch
+
+from ptcore.train import run_grpo
+from ptcore.train.config import TrainConfig
+from ptcore.train.data import load_records, prompt_examples
+from ptcore.train.grpo import GRPOObjective
+from tests.train_helpers import config, one_thread, tiny  # noqa: F401
+
+DATA = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (30, 4), (500, 61), (7, 7)]]
+
+
+def first_char(prompts, completions, **_):
+    return [(ord(c[0]) % 5) / 4 if c else 0.0 for c in completions]
+
+
+def objective(tmp_path, model, tok, **kw):
+    prompts = prompt_examples(load_records(DATA, "grpo"), tok, 32, report=False)
+    cfg = TrainConfig(output_dir=str(tmp_path), batch_size=4, max_length=48, seed=kw.pop("seed", 0))
+    opts = dict(reward_fns=[first_char], group_size=3, temperature=0.8, max_new_tokens=6)
+    opts.update(kw)
+    obj = GRPOObjective(prompts, tok, cfg, **opts)
+    obj.prepare_model(model)
+    obj.setup(model, obj.ctx, cfg)
+    return obj, prompts
+
+
+def idle(engine):
+    """No sequence running, every page free (nothing left in the radix cache either)."""
+    engine.cache.check()
+    return not engine.cache.running and engine.pool.num_free == engine.pool.num_pages
+
+
+def test_engine_rollout_matches_the_trainer_and_frees_every_page(tmp_path):
+    model, tok = tiny()
+    obj, prompts = objective(tmp_path, model, tok, deterministic=True)
+    eng = obj.engine
+    # the engine's weights ARE the policy's parameters (views, no copy)
+    assert eng.model.layers[0].qkv[0][0].data_ptr() == model.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    assert eng.model.lm_head.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    assert model.training  # the engine's eval() was undone
+    batch = obj.make_rollout(model, prompts)
+    assert idle(eng)
+    assert batch["input_ids"].shape[0] == 4 * 3
+    _, m1 = obj.loss(model, batch, obj.units(batch))
+    assert m1["rollout/logp_diff_max"] < 1e-4, m1  # fp32 CPU, deterministic trainer log-probs
+    v1 = batch["stats"]["rollout/weights_checksum"]
+    # an in-place update of the weights (what the optimizer does) is what the next rollout samples with
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.3)
+    batch2 = obj.make_rollout(model, prompts)
+    assert batch2["stats"]["rollout/weights_checksum"] != v1
+    _, m2 = obj.loss(model, batch2, obj.units(batch2))
+    assert m2["rollout/logp_diff_max"] < 1e-4, m2  # stale weights would differ by far more
+    assert idle(eng)
+
+
+def test_run_samples_with_the_weights_of_its_step(tmp_path, monkeypatch):
+    """Each step's rollout claims a version (``rollout/policy_step``: the optimizer steps taken
+    before it): its sampling log-probs are those of a fresh model loaded with the weights after
+    exactly that many steps (to rounding), and not those of the step before."""
+    seen = []
+    real = GRPOObjective.make_rollout
+
+    def spy(self, model, prompts):
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        batch = real(self, model, prompts)
+        seen.append((weights, batch))
+        return batch
+
+    monkeypatch.setattr(GRPOObjective, "make_rollout", spy)
+    model, tok = tiny()
+    res = run_grpo(model, tok, DATA, config(tmp_path, "v", max_steps=3, batch_size=2, lr=1e-2),
+                   reward_fns=[first_char], group_size=4, max_new_tokens=6, deterministic=True,
+                   temperature=0.8, rollout_correction="token_mask", rollout_clip=(0.5, 2.0))
+    assert [m["rollout/policy_step"] for m in res.metrics] == [0, 1, 2]
+    sums = [m["rollout/weights_checksum"] for m in res.metrics]
+    assert len(set(sums)) == 3  # every step moved the weights the engine read
+
+    def logps(weights, b):
+        fresh, _ = tiny()
+        fresh.load_state_dict(weights)
+        with torch.no_grad():
+            z = fresh(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                      position_ids=b["position_ids"]).logits.double() / 0.8
+        t = b["target"].clamp(min=0)
+        return torch.log_softmax(z, -1).gather(-1, t[..., None])[..., 0]
+
+    for s, (weights, b) in enumerate(seen):
+        m = b["mask"].bool()
+        now = (logps(weights, b) - b["sampling_logps"].double())[m].abs().max()
+        assert now < 1e-4, (s, float(now))
+        if s:
+            before = (logps(seen[s - 1][0], b) - b["sampling_logps"].double())[m].abs().max()
+            assert before > 1e-3, (s, float(before))
+    for m in res.metrics:
+        assert m["rollout/logp_diff_max"] < 1e-4 and m["rollout/masked_fraction"] == 0.0
+        for k in ("rollout/logp_diff_mean", "rollout/kl_k3", "rollout/is_ratio_mean"):
+            assert k in m
+
+
+def test_seeded_rollouts_are_reproducible(tmp_path):
+    outs = []
+    for _ in range(2):
+        model, tok = tiny()
+        obj, prompts = objective(tmp_path, model, tok, seed=5)
+        b = obj.make_rollout(model, prompts)
+        outs.append((b["input_ids"], b["sampling_logps"]))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    model, tok = tiny()
+    obj, prompts = objective(tmp_path, model, tok, seed=6)
+    assert not torch.equal(obj.make_rollout(model, prompts)["input_ids"], outs[0][0])
+
+
+def test_eos_and_stop_strings(tmp_path):
+    model, tok = tiny()
+    obj, prompts = objective(tmp_path, model, tok, max_new_tokens=8, temperature=1.5)
+    b = obj.make_rollout(model, prompts)
+    P = max(len(p["prompt"]) for p in prompts)
+    # stop strings the same seeded rollout is known to produce: its 3rd characters
+    stops = sorted({tok.decode(c[2:3].tolist()) for c, m in zip(b["input_ids"][:, P:], b["attention_mask"][:, P:])
+                    if m[2] and tok.decode(c[2:3].tolist()).strip()})[:2]
+    assert stops
+    obj, prompts = objective(tmp_path, model, tok, stop_strings=stops, max_new_tokens=8, temperature=1.5)
+    b = obj.make_rollout(model, prompts)
+    comp, cmask = b["input_ids"][:, P:], b["attention_mask"][:, P:]
+    stopped = 0
+    for c, m in zip(comp, cmask):
+        toks = c[m.bool()].tolist()
+        text = tok.decode(toks)
+        hit = [i for i, t in enumerate(toks) if t == tok.eos_token_id
+               or any(x in tok.decode(toks[:i + 1]) for x in stops)]
+        if hit:  # the completion ends at the first eos or stop string, which it keeps
+            assert hit[0] == len(toks) - 1, text
+            stopped += 1
+        else:
+            assert len(toks) == 8
+    assert stopped > 0
+    assert idle(obj.engine)
+
+
+def test_hf_and_engine_rollouts_both_feed_sampling_logps(tmp_path):
+    model, tok = tiny()
+    res = run_grpo(model, tok, DATA, config(tmp_path, "h", max_steps=1, batch_size=2),
+                   reward_fns=[first_char], group_size=2, max_new_tokens=4, rollout="hf")
+    assert res.metrics[0]["rollout/logp_diff_max"] < 1e-3
+
+
+def _raises(obj, prompts, model, exc, match):
+    with pytest.raises(exc, match=match):
+        obj.make_rollout(model, prompts)
+    assert idle(obj.engine)
+
+
+def test_bad_input_is_a_clear_error_leaving_no_sequence(tmp_path):
+    model, tok = tiny()
+
+    def boom(prompts, completions, **_):
+        raise KeyError("nope")
+
+    obj, prompts = objective(tmp_path, model, tok, reward_fns=[boom])
+    _raises(obj, prompts, model, RuntimeError, "reward function 'boom' raised KeyError")
+    obj, prompts = objective(tmp_path, model, tok, reward_fns=[lambda prompts, completions, **_: [1.0]])
+    _raises(obj, prompts, model, ValueError, "returned 1 values for 12 completions")
+
+    def nan(prompts, completions, **_):
+        return [math.nan] + [0.0] * (len(completions) - 1)
+
+    obj, prompts = objective(tmp_path, model, tok, reward_fns=[nan])
+    _raises(obj, prompts, model, ValueError, "'nan' returned NaN for completion 0")
+    # an engine error inside sampling (here: a poisoned generator list) releases every sequence
+    obj, prompts = objective(tmp_path, model, tok)
+    real = obj.engine.generate_from
+    obj.engine.generate_from = lambda seqs, *a, **k: (_ for _ in ()).throw(RuntimeError("mid-rollout"))
+    _raises(obj, prompts, model, RuntimeError, "mid-rollout")
+    obj.engine.generate_from = real
+    with pytest.raises(ValueError, match="does not fit the engine's cache"):
+        objective(tmp_path, model, tok, engine_max_tokens=32, max_new_tokens=30)
+    with pytest.raises(ValueError, match="too small for one group"):
+        objective(tmp_path, model, tok, engine_max_tokens=40, group_size=8)
+    with pytest.raises(ValueError, match="group_size"):
+        objective(tmp_path, model, tok, group_size=1)
+    for kw, name in ((dict(rollout="vllm"), "rollout"), (dict(rollout_correction="seq"), "rollout_correction"),
+                     (dict(rollout_clip=(3.0, 1.0)), "rollout_clip"),
+                     (dict(off_policy_threshold=math.inf), "off_policy_threshold"),
+                     (dict(stop_strings="1"), "stop_strings"), (dict(engine_max_tokens=0), "engine_max_tokens")):
+        with pytest.raises(ValueError, match=name):
+            objective(tmp_path, model, tok, **kw)
+
+
+def test_cli_rollout_flags(tmp_path, capsys):
+    import json
+    from ptcore.__main__ import main
+    tiny_args = ["--max-steps", "1", "--batch-size", "2", "--max-length", "48", "--no-progress",
+                 "--num-examples", "8", "--group-size", "2", "--max-new-tokens", "4"]
+    out = tmp_path / "g"
+    assert main(["grpo", "--task", "addition", "--output", str(out), "--rollout-correction", "sequence_mask",
+                 "--rollout-clip-min", "0.5", "--off-policy-threshold", "0.1", "--stop-string", "\n",
+                 "--deterministic", *tiny_args]) == 0
+    m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][0]
+    for k in ("rollout/logp_diff_mean", "rollout/logp_diff_max", "rollout/kl_k3", "rollout/masked_fraction",
+              "rollout/off_policy_masked_fraction"):
+        assert k in m
+    assert main(["grpo", "--task", "addition", "--output", str(tmp_path / "b"), "--rollout-clip-min", "4",
+                 *tiny_args]) == 2
+    assert "rollout" in capsys.readouterr().err
