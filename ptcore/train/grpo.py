@@ -1,8 +1,10 @@
 """Group relative policy optimization with the fused ``linear_policy_loss``.
 
 Every ``num_iterations`` optimizer steps, a rollout: each prompt of the step's global batch gets
-``group_size`` completions sampled from the current policy (``model.generate``, temperature
-sampling with no top-k / top-p, so the sampled distribution is the tempered softmax), rewards
+``group_size`` completions sampled from the current policy (on :class:`ptcore.engine.Engine`
+over the policy's own parameters by default, or ``model.generate`` with ``rollout="hf"``;
+temperature sampling with no top-k / top-p, so the sampled distribution is the tempered
+softmax, whose log-probs of the sampled tokens go to the loss as ``sampling_logps``), rewards
 from Python callables, group advantages (:func:`ptcore.ops.group_advantages`), and with
 ``kl_coef > 0`` the reference's log-probs. ``old_logps`` are the sampling policy's on the same
 tempered distribution: the first optimization pass over a rollout comes before any update, so
