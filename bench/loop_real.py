@@ -141,7 +141,8 @@ def ptcore_step(kind, s):
         model.generation_config.min_new_tokens = s["C"]
         obj = GRPOObjective(prompt_examples(load_records(grpo_records(tok, s["B"]), "grpo"), tok, MAX_LENGTH,
                                             report=False), tok, cfg, reward_fns=[last_number_reward],
-                            group_size=s["G"], max_new_tokens=s["C"], loss_type="dapo")
+                            group_size=s["G"], max_new_tokens=s["C"], loss_type="dapo",
+                            rollout="hf")  # generate honours min_new_tokens: the same work as TRL's
     ctx = DistContext()
     obj.prepare_model(model)
     optimizer, scheduler = make_optimizer(model, cfg)
