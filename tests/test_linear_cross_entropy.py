@@ -1,15 +1,14 @@
 """ptcore.ops.linear_cross_entropy on every backend here against the float64 oracle
-(tolerance rule: docs/kernels.md §4)."""
+(tolerance rule: tests/reference.py assert_rule, shared/reference/kernels.md section 2)."""
 import pytest
 import torch
 
 import ptcore
 from ptcore.ops import linear_cross_entropy
 from tests.conftest import cpu_backends
-from tests.reference import linear_cross_entropy_ref, rel_err
+from tests.reference import assert_rule, linear_cross_entropy_ref, rel_err, rule_bound
 
 BACKENDS = cpu_backends()
-FP32_TOL = 1e-5  # "far below 1e-4": fp32 math with fp32 accumulation lands at 1e-7..3e-6
 
 
 def make_inputs(N, H, V, *, dtype=torch.float32, bias=False, ignore_frac=0.2, ignore_index=-100,
@@ -53,15 +52,18 @@ def run_ref(x, w, t, b, g, dtype=torch.float64, **opts):
     return loss, grads
 
 
-def assert_fp32_close(backend, x, w, t, b, tol=FP32_TOL, **opts):
+def assert_fp32_close(backend, x, w, t, b, **opts):
+    """The op in x's dtype against the float64 oracle, under the rule (2 x the naive same-dtype
+    PyTorch error + slack): loss and every gradient."""
     loss, grads, g = run_op(backend, x, w, t, b, **opts)
     ref_loss, ref_grads = run_ref(x, w, t, b, g, **opts)
+    naive_loss, naive_grads = run_ref(x, w, t, b, g, dtype=x.dtype, **opts)
     assert loss.dtype == x.dtype and loss.shape == ref_loss.shape
     assert torch.isfinite(loss).all()
-    assert rel_err(loss, ref_loss) < tol, ("loss", rel_err(loss, ref_loss))
-    for name, got, ref in zip(("input", "weight", "bias"), grads, ref_grads):
+    assert_rule(loss, ref_loss, naive_loss, "loss")
+    for name, got, ref, naive in zip(("input", "weight", "bias"), grads, ref_grads, naive_grads):
         assert got.shape == ref.shape and got.dtype == x.dtype, name
-        assert rel_err(got, ref) < tol, (f"grad_{name}", rel_err(got, ref))
+        assert_rule(got, ref, naive, f"grad_{name}")
 
 
 SHAPES_CPU = [(1, 17, 50257), (37, 24, 301), (64, 100, 32001), (5, 8, 3)]
@@ -153,11 +155,8 @@ def test_extreme_logits(backend):
     x = x * (1e4 / (x.reshape(-1, H) @ w.T).abs().max())
     for opts in (dict(), dict(label_smoothing=0.1, z_loss=1e-6)):
         loss, grads, g = run_op(backend, x, w, t, None, reduction="none", **opts)
-        ref_loss, ref_grads = run_ref(x, w, t, None, g, reduction="none", **opts)
         assert torch.isfinite(loss).all() and all(torch.isfinite(gr).all() for gr in grads)
-        assert rel_err(loss, ref_loss) < 1e-5
-        for got, ref in zip(grads, ref_grads):
-            assert rel_err(got, ref) < 1e-4
+        assert_fp32_close(backend, x, w, t, None, reduction="none", **opts)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -167,13 +166,13 @@ def test_all_negative_logits(backend):
     x = torch.randn(4, H).abs()
     w = -torch.rand(V, H) * 50 - 10
     t = torch.randint(0, V, (4,))
-    assert_fp32_close(backend, x, w, t, None, tol=1e-5, reduction="none")
+    assert_fp32_close(backend, x, w, t, None, reduction="none")
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if getattr(b, "values", (b,))[0] != "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_criterion(backend, dtype):
-    """Kernel error vs float64 <= naive PyTorch error in the same dtype + 1e-2 (relative)."""
+    """Kernel error vs float64 <= 2 x the naive PyTorch error in the same dtype + 1e-2 (the rule)."""
     for (N, H, V), opts in (((64, 96, 32001), dict()), ((33, 40, 5003), dict(softcap=20.0, z_loss=1e-4, label_smoothing=0.1))):
         x, w, t, b = make_inputs(N, H, V, dtype=dtype, bias=True, scale=3.0)
         for reduction in ("mean", "none"):
@@ -181,10 +180,10 @@ def test_low_precision_criterion(backend, dtype):
             ref_loss, ref_grads = run_ref(x, w, t, b, g, reduction=reduction, **opts)
             naive_loss, naive_grads = run_ref(x, w, t, b, g, dtype=dtype, reduction=reduction, **opts)
             assert loss.dtype == dtype
-            assert rel_err(loss, ref_loss) <= rel_err(naive_loss, ref_loss) + 1e-2
+            assert_rule(loss, ref_loss, naive_loss, "loss")
             for got, ref, naive in zip(grads, ref_grads, naive_grads):
                 assert got.dtype == dtype
-                assert rel_err(got, ref) <= rel_err(naive, ref) + 1e-2
+                assert_rule(got, ref, naive, "grad")
 
 
 def test_triton_low_precision_fp16():
@@ -198,9 +197,9 @@ def test_triton_low_precision_fp16():
     loss, grads, g = run_op(backend, x, w, t, b, reduction="none", softcap=15.0)
     ref_loss, ref_grads = run_ref(x, w, t, b, g, reduction="none", softcap=15.0)
     naive_loss, naive_grads = run_ref(x, w, t, b, g, dtype=torch.float16, reduction="none", softcap=15.0)
-    assert rel_err(loss, ref_loss) <= rel_err(naive_loss, ref_loss) + 1e-2
+    assert_rule(loss, ref_loss, naive_loss, "loss")
     for got, ref, naive in zip(grads, ref_grads, naive_grads):
-        assert rel_err(got, ref) <= rel_err(naive, ref) + 1e-2
+        assert_rule(got, ref, naive, "grad")
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -230,11 +229,17 @@ def test_chunk_size_invariance_and_repeatability(backend):
     for budget in (V * 4, 3 * V * 4, 1 << 30):
         with ptcore.chunk_budget(budget):
             results.append(run_op(backend, x, w, t, b, reduction="sum", label_smoothing=0.05))
-    base_loss, base_grads, _ = results[-1]
-    for loss, grads, _ in results[:-1]:
-        assert rel_err(loss, base_loss) < 1e-6
-        for got, ref in zip(grads, base_grads):
-            assert rel_err(got, ref) < 1e-6
+    base_loss, base_grads, g = results[-1]
+    # Two chunkings differ by rounding only: each within the rule of the float64 oracle, and from
+    # each other by less than the naive fp32 error against float64 (+ slack).
+    ref_loss, ref_grads = run_ref(x, w, t, b, g, reduction="sum", label_smoothing=0.05)
+    naive_loss, naive_grads = run_ref(x, w, t, b, g, dtype=x.dtype, reduction="sum", label_smoothing=0.05)
+    for loss, grads, _ in results:
+        assert_rule(loss, ref_loss, naive_loss, "loss")
+        assert rel_err(loss, base_loss) <= rule_bound(naive_loss, ref_loss) / 2
+        for got, base, ref, naive in zip(grads, base_grads, ref_grads, naive_grads):
+            assert_rule(got, ref, naive, "grad")
+            assert rel_err(got, base) <= rule_bound(naive, ref) / 2
     again_loss, again_grads, _ = run_op(backend, x, w, t, b, reduction="sum", label_smoothing=0.05)
     assert torch.equal(again_loss, base_loss)
     assert all(torch.equal(a, c) for a, c in zip(again_grads, base_grads))
@@ -260,7 +265,11 @@ def test_no_grad_forward_matches():
     with torch.no_grad():
         a = linear_cross_entropy(x, w, t, bias=b)
     c = linear_cross_entropy(x.requires_grad_(), w, t, bias=b)
-    assert torch.allclose(a, c.detach(), rtol=1e-6, atol=0)
+    ref = linear_cross_entropy_ref(x.double(), w.double(), t, bias=b.double())
+    naive = linear_cross_entropy_ref(x.detach(), w, t, bias=b)
+    assert_rule(a, ref, naive, "no_grad loss")
+    assert_rule(c, ref, naive, "loss")
+    assert rel_err(a, c) <= rule_bound(naive, ref) / 2
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -272,8 +281,9 @@ def test_second_backward_recomputes(reduction):
     loss = linear_cross_entropy(x, w, t, bias=b, reduction=reduction)
     first = torch.autograd.grad(loss, params, torch.tensor(2.0), retain_graph=True)
     second = torch.autograd.grad(loss, params, torch.tensor(-3.0))
+    # The same stored gradient scaled by 2 and by -3: they differ by a few roundings at most.
     for a, c in zip(first, second):
-        assert rel_err(c, a * -1.5) < 1e-6
+        assert rel_err(c, a * -1.5) <= 4 * torch.finfo(a.dtype).eps
 
 
 def test_module_matches_functional():
@@ -295,8 +305,13 @@ def test_minus_inf_logits_like_torch(backend):
     for ls in (0.0, 0.1):
         with ptcore.use_backend(backend):
             got = linear_cross_entropy(x, w, t, bias=b, label_smoothing=ls, reduction="none")
-        want = torch.nn.functional.cross_entropy(x @ w.T + b, t, label_smoothing=ls, reduction="none")
-        assert torch.allclose(got, want, rtol=1e-5, equal_nan=True), (ls, got, want)
+        want = torch.nn.functional.cross_entropy(x.double() @ w.double().T + b.double(), t,
+                                                 label_smoothing=ls, reduction="none")
+        naive = torch.nn.functional.cross_entropy(x @ w.T + b, t, label_smoothing=ls, reduction="none")
+        fin = torch.isfinite(want)  # label smoothing over a -inf logit: inf, as in torch
+        assert torch.equal(got[~fin], want[~fin].to(got.dtype)) and fin.any() == (ls == 0), (ls, got, want)
+        if fin.any():
+            assert_rule(got[fin], want[fin], naive[fin], f"loss ls={ls}")
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -314,4 +329,66 @@ def test_fp16_gradients_survive_loss_scaling(backend):
     with ptcore.use_backend(backend):
         got = torch.autograd.grad(linear_cross_entropy(*ours, t), ours, scale.half())
     for g, r, n in zip(got, ref_g, naive_g):
-        assert rel_err(g, r) <= rel_err(n, r) + 1e-2
+        assert_rule(g, r, n, "grad")
+
+
+
+def lm_head_like_logits(N=128, V=49152, seed=0):
+    """Rows like a real LM head's (SmolLM2-135M: V = 49152): logits ~ N(0, 3^2) with four tokens
+    12-18 above the rest, targets drawn from the softmax (mean loss ~1.6 nats)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = 3 * torch.randn(N, V, generator=gen)
+    z.scatter_add_(1, torch.randint(0, V, (N, 4), generator=gen), 12 + 6 * torch.rand(N, 4, generator=gen))
+    t = torch.multinomial(torch.softmax(z.double(), 1), 1, generator=gen).squeeze(1)
+    return z, t
+
+
+def test_cpu_rows_fp32_as_accurate_as_eager_on_lm_head_rows():
+    """The cpu row pass (loss and dloss/dlogits) against float64 on LM-head-like rows, under the
+    rule. The naive fp32 baseline is lse - z_y and exp(z - lse) - onehot with torch.logsumexp
+    (pairwise sums); F.cross_entropy's CPU log_softmax sums each SIMD lane sequentially and has
+    the very bias this test catches. The old kernel (one fp32 simd reduction over V, ~3000 terms
+    per lane) summed exp ~5e-6 low: mean loss 2.9e-6 and gradient 7.3e-6 relative error against
+    bounds of 1.1e-6 and 2.4e-6; blocked sums give 5e-8 and 1.2e-7."""
+    from ptcore.ops import dispatch
+    from ptcore.ops.rows import CROSS_ENTROPY_ROWS
+    if dispatch.cannot_run("cpu", torch.device("cpu"), torch.float32):
+        pytest.skip("the cpu backend is not built")
+    z, t = lm_head_like_logits()
+    N, V = z.shape
+    z64, onehot = z.double(), torch.nn.functional.one_hot(t, V)
+    lse64 = torch.logsumexp(z64, 1, keepdim=True)
+    ref_loss, ref_grad = lse64[:, 0] - z64.gather(1, t[:, None])[:, 0], torch.exp(z64 - lse64) - onehot
+    lse32 = torch.logsumexp(z, 1, keepdim=True)
+    naive_loss, naive_grad = lse32[:, 0] - z.gather(1, t[:, None])[:, 0], torch.exp(z - lse32) - onehot
+    grad, loss, lse = z.clone(), torch.full((N,), float("nan")), torch.full((N,), float("nan"))
+    CROSS_ENTROPY_ROWS["cpu"](grad, t, loss, lse, None, ignore_index=-100, label_smoothing=0.0,
+                              z_loss=0.0, softcap=None, write_grad=True)
+    assert_rule(loss, ref_loss, naive_loss, "per-row loss")
+    assert_rule(loss.mean(), ref_loss.mean(), naive_loss.mean(), "mean loss")  # a bias does not average out
+    assert_rule(lse, lse64[:, 0], lse32[:, 0], "lse")
+    assert_rule(grad, ref_grad, naive_grad, "dloss/dlogits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_softcaps_are_exact(backend):
+    """cap * tanh(z / cap) for caps up to beyond the fp32 range: the cpu kernel's tanh was
+    1 - 2 / (exp(2x) + 1), which cancels for small x (loss 2.55 instead of 6.14 at cap 1e8, NaN at
+    1e300 on every backend)."""
+    x, w, t, _ = make_inputs(16, 24, 301, ignore_frac=0.0, scale=3.0)
+    for cap in (1e3, 1e6, 1e8, 1e30, 1e300):
+        loss, grads, g = run_op(backend, x, w, t, None, reduction="none", softcap=cap)
+        ref_loss, ref_grads = run_ref(x, w, t, None, g, reduction="none", softcap=cap)
+        # the naive fp32 computation is NaN at 1e300 (inf * 0): no cap is the same function there
+        naive_cap = cap if cap < 1e38 else None
+        naive_loss, naive_grads = run_ref(x, w, t, None, g, dtype=x.dtype, reduction="none", softcap=naive_cap)
+        assert_rule(loss, ref_loss, naive_loss, f"loss cap={cap:g}")
+        for got, ref, naive in zip(grads, ref_grads, naive_grads):
+            assert_rule(got, ref, naive, f"grad cap={cap:g}")
+
+
+def test_z_loss_that_overflows_is_refused():
+    x, w, t, _ = make_inputs(4, 8, 20)
+    with pytest.raises(ValueError, match="'z_loss' must be <= 10000"):
+        linear_cross_entropy(x, w, t, z_loss=1e39)
+    linear_cross_entropy(x, w, t, z_loss=1e4)  # the bound itself is fine

@@ -14,7 +14,7 @@ import ptcore
 from ptcore.ops import linear_logprobs, linear_policy_loss, policy_loss
 from ptcore.patching import SUPPORTED, is_patched, unpatch_class
 from tests.conftest import cpu_backends
-from tests.reference import rel_err
+from tests.reference import assert_rule, rel_err
 
 V = 389  # odd on purpose
 ARCHS = {  # per-architecture overrides of the tiny config (the rest below)
@@ -102,11 +102,14 @@ def test_fp32_within_tolerance(arch, backend):
     model = ptcore.patch(tiny_model(arch, torch.float32))
     ids, mask, labels = batch()
     want, want_g = loss_and_grads(ref, reference_loss(ref, ids, mask, labels))
+    naive_model = tiny_model(arch, torch.float32)  # the unpatched fp32 model: the rule's baseline
+    naive, naive_g = loss_and_grads(naive_model, reference_loss(naive_model, ids, mask, labels))
     with ptcore.use_backend(backend):
         got, got_g = loss_and_grads(model, model(ids, attention_mask=mask, labels=labels).loss)
-    assert got.dtype == torch.float32 and rel_err(got, want) < 1e-5
+    assert got.dtype == torch.float32
+    assert_rule(got, want, naive, "loss")
     for name in want_g:
-        assert rel_err(got_g[name], want_g[name]) < 1e-4, name
+        assert_rule(got_g[name], want_g[name], naive_g[name], name)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
