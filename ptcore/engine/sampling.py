@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ptcore.ops.truncation import truncate_sorted
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -127,17 +129,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         z = z / torch.tensor(temps, dtype=acc, device=device)[:, None]
     truncate = any(params[b].top_k or params[b].top_p < 1 for b in rows)
     if truncate:
+        # the kept set as the trainer's truncation-aware log-probs choose it (ptcore.ops.truncation)
         z, order = torch.sort(z, dim=-1, descending=True, stable=True)
-        pos = torch.arange(V, device=device)
         k = torch.tensor([params[b].top_k or V for b in rows], device=device)
-        z = z.masked_fill(pos[None, :] >= k[:, None], float("-inf"))
         top_p = torch.tensor([params[b].top_p for b in rows], dtype=acc, device=device)
-        if bool((top_p < 1).any()):
-            p = torch.softmax(z, dim=-1)
-            before = p.cumsum(-1) - p  # mass strictly ahead of each token
-            drop = (before >= top_p[:, None]) & (top_p[:, None] < 1)
-            drop[:, 0] = False  # the most likely token always stays
-            z = z.masked_fill(drop, float("-inf"))
+        z = truncate_sorted(z, k, top_p)
     logp = torch.log_softmax(z, dim=-1)
     cdf = logp.double().exp().cumsum(-1)
     u = torch.stack([torch.rand((), dtype=torch.float64, generator=generators[b], device=device) for b in rows])

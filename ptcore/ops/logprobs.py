@@ -153,7 +153,8 @@ _logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 def linear_logprobs(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
                     bias: torch.Tensor | None = None, temperature: float = 1.0,
                     softcap: float | None = None, ignore_index: int = -100,
-                    return_entropy: bool = False, deterministic: bool = False):
+                    return_entropy: bool = False, deterministic: bool = False,
+                    top_k: int = 0, top_p: float = 1.0):
     """Per-token log-prob of ``target`` under ``softmax(softcap(input @ weight.T + bias) / T)``,
     and with ``return_entropy`` the per-token entropy of that distribution, without materializing
     the logits.
@@ -167,6 +168,13 @@ def linear_logprobs(input: torch.Tensor, weight: torch.Tensor, target: torch.Ten
         deterministic: each row's results are bitwise independent of the other rows in the batch
             and of the chunk budget (logits GEMMs of a fixed 256 rows; per-row reductions in a
             fixed order) -- the batch invariance that keeps trainer and sampler log-probs equal.
+        top_k (0: off), top_p (1: off): the sampler's truncation. The log-probs (and entropy) are
+            then those of the truncated distribution, renormalized over the kept set exactly as
+            the engine's sampler chooses it (:mod:`ptcore.ops.truncation`: ties, the token that
+            crosses ``top_p``): ``log p - log S`` with ``S`` the kept mass, whose gradient
+            involves only the kept logits; a target outside the kept set gets -inf. Computed on
+            the torch reference path (chunks of rows, each recomputed in the backward by
+            activation checkpointing), whatever the backend.
 
     Returns ``logp`` (shape of target; float32, float64 for float64 inputs) or ``(logp, entropy)``.
     Both are differentiable w.r.t. input, weight and bias for any mix of incoming gradients.
@@ -182,6 +190,15 @@ def linear_logprobs(input: torch.Tensor, weight: torch.Tensor, target: torch.Ten
     check_temperature(OP, temp)
     checks.flag(OP, "return_entropy", return_entropy)  # "no" would be truthy
     checks.flag(OP, "deterministic", deterministic)
+    top_k = checks.integer(OP, "top_k", top_k, low=0)
+    top_p = checks.number(OP, "top_p", top_p, low=0, low_open=True, high=1)
+    if top_k or top_p < 1:
+        x = input.reshape(-1, input.shape[-1])
+        logp, ent = _truncated(x, weight, target.reshape(-1), bias, ignore_index=ignore_index,
+                               softcap=cap, temperature=temp, top_k=top_k, top_p=top_p,
+                               want_entropy=bool(return_entropy))
+        logp = logp.reshape(target.shape)
+        return (logp, ent.reshape(target.shape)) if return_entropy else logp
     backend, chunk = head_plan(input, weight, OP)
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1).contiguous()  # the row kernels read targets contiguously
@@ -189,3 +206,46 @@ def linear_logprobs(input: torch.Tensor, weight: torch.Tensor, target: torch.Ten
                                     backend, chunk, bool(deterministic))
     logp = logp.reshape(target.shape)
     return (logp, ent.reshape(target.shape)) if return_entropy else logp
+
+
+TRUNCATED_ROWS = 256  # rows per chunk of the truncated path (its logits are materialized per chunk)
+
+
+def _truncated_rows(x, w, b, t, *, ignore_index, softcap, temperature, top_k, top_p, want_entropy):
+    from ptcore.ops.truncation import kept_mask
+    acc = acc_dtype(x.dtype)
+    z = torch.nn.functional.linear(x, w, b).to(acc)
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    keep = kept_mask(z.detach(), top_k, top_p)
+    logp_all = torch.log_softmax(z.masked_fill(~keep, float("-inf")), dim=-1)
+    valid = t != ignore_index
+    lp = logp_all.gather(-1, torch.where(valid, t, 0)[:, None])[:, 0]
+    lp = torch.where(valid, lp, torch.zeros_like(lp))
+    if not want_entropy:
+        return lp, lp.new_zeros(0)
+    safe = torch.where(keep, logp_all, torch.zeros_like(logp_all))  # no 0 * -inf, in value or gradient
+    ent = -(safe.exp() * safe).sum(-1)
+    return lp, torch.where(valid, ent, torch.zeros_like(ent))
+
+
+def _truncated(x, w, t, b, *, ignore_index, softcap, temperature, top_k, top_p, want_entropy):
+    """The truncation-aware log-probs (and entropy) by chunks of rows; the backward recomputes
+    each chunk's logits (non-reentrant checkpointing) instead of keeping them."""
+    from torch.utils.checkpoint import checkpoint
+    checks.targets_in_range(OP, t, w.shape[0], ignore_index)
+    opts = dict(ignore_index=ignore_index, softcap=softcap, temperature=temperature, top_k=top_k,
+                top_p=top_p, want_entropy=want_entropy)
+    grad = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x, w, b))
+    lps, ents = [], []
+    for s in range(0, x.shape[0], TRUNCATED_ROWS):
+        xs, ts = x[s:s + TRUNCATED_ROWS], t[s:s + TRUNCATED_ROWS]
+        fn = lambda xs, ts: _truncated_rows(xs, w, b, ts, **opts)
+        lp, ent = checkpoint(fn, xs, ts, use_reentrant=False) if grad else fn(xs, ts)
+        lps.append(lp)
+        ents.append(ent)
+    acc = acc_dtype(x.dtype)
+    logp = torch.cat(lps) if lps else x.new_zeros(0, dtype=acc)
+    ent = torch.cat(ents) if want_entropy and ents else x.new_zeros(x.shape[0] if want_entropy else 0, dtype=acc)
+    return logp, ent
