@@ -16,10 +16,23 @@ import triton.language as tl
 def _capped(z, cap, inv_cap, HAS_CAP: tl.constexpr):
     if HAS_CAP:
         # cap * tanh(z / cap) from exp (libdevice tanh is unavailable in the interpreter).
+        # 1 - 2 / (exp(2|x|) + 1) cancels for small |x| (4.5e-6 loss error at cap 1e3, garbage at
+        # 1e8): below |x| = 0.55 the odd Taylor series of tanh (to x^17, < 1e-8 relative there)
+        # as z * tanh(x) / x, which is also exact when inv_cap rounds to 0 (caps beyond fp32).
         x = z * inv_cap
         ax = tl.abs(x)
+        x2 = x * x
+        q = 5.90027440e-4
+        q = q * x2 - 1.45583438e-3
+        q = q * x2 + 3.59212803e-3
+        q = q * x2 - 8.86323552e-3
+        q = q * x2 + 2.18694885e-2
+        q = q * x2 - 5.39682540e-2
+        q = q * x2 + 1.33333333e-1
+        q = q * x2 - 3.33333333e-1
+        small = z * (q * x2 + 1.0)
         t = 1.0 - 2.0 / (tl.exp(2.0 * ax) + 1.0)
-        z = cap * tl.where(x < 0, -t, t)
+        z = tl.where(ax < 0.55, small, cap * tl.where(x < 0, -t, t))
     return z
 
 
