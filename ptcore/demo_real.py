@@ -44,7 +44,7 @@ class RealDemoSettings:
 
 
 FULL = RealDemoSettings()
-QUICK = RealDemoSettings(n_eval=8, n_ttc=4, max_samples=4, max_new_tokens=16, grpo_steps=2, grpo_prompts=1,
+QUICK = RealDemoSettings(n_eval=8, n_ttc=4, max_samples=4, grpo_steps=2, grpo_prompts=1,
                          grpo_group=4, n_train=16)
 
 
