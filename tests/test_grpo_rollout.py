@@ -44,9 +44,14 @@ def test_engine_rollout_matches_the_trainer_and_frees_every_page(tmp_path):
     assert eng.model.layers[0].qkv[0][0].data_ptr() == model.model.layers[0].self_attn.q_proj.weight.data_ptr()
     assert eng.model.lm_head.data_ptr() == model.get_output_embeddings().weight.data_ptr()
     assert model.training  # the engine's eval() was undone
+    before = eng.stats.copy()
     batch = obj.make_rollout(model, prompts)
     assert idle(eng)
     assert batch["input_ids"].shape[0] == 4 * 3
+    # each prompt encoded once for its 3 completions; each completion's last token never fed back
+    lengths = batch["attention_mask"].sum(-1) - torch.tensor([len(p["prompt"]) for p in prompts]).repeat_interleave(3)
+    computed = (eng.stats - before).tokens_computed
+    assert computed == sum(len(p["prompt"]) for p in prompts) + int((lengths - 1).sum())
     _, m1 = obj.loss(model, batch, obj.units(batch))
     assert m1["rollout/logp_diff_max"] < 1e-4, m1  # fp32 CPU, deterministic trainer log-probs
     v1 = batch["stats"]["rollout/weights_checksum"]
