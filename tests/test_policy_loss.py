@@ -209,6 +209,15 @@ def test_normalizer_accepts_tensor():
     assert a.item() == pytest.approx(b.item(), rel=1e-12)
 
 
+def test_a_zero_tensor_normalizer_with_unmasked_tokens_raises():
+    """0 means "the whole step has no tokens"; given with tokens it would silently divide by 1."""
+    lp, old, _, A, M, _ = make()
+    with pytest.raises(ValueError, match="'normalizer' is 0 but the mask selects"):
+        policy_loss(lp, old, A, M, normalizer=torch.tensor(0.0))
+    none = torch.zeros_like(M, dtype=torch.bool)
+    assert policy_loss(lp, old, A, none, normalizer=torch.tensor(0.0)).loss.item() == 0
+
+
 def test_all_masked_is_finite_zero():
     lp = torch.full((3, 4), float("-inf"), dtype=F64).requires_grad_()
     old = torch.full((3, 4), float("nan"), dtype=F64)

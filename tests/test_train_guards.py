@@ -59,6 +59,7 @@ def test_grpo_options_named_as_run_grpo_names_them(tmp_path):
     rows = [{"prompt": "1+1=", "answer": "2"}] * 4
     for kw, name in ((dict(kl_coef=-1.0), "'kl_coef'"), (dict(group_size=1), "'group_size'"),
                      (dict(temperature=float("nan")), "'temperature'"),
+                     (dict(temperature=0.005), "'temperature'"),  # below the log-prob ops' bound
                      (dict(epsilon_low=2.0), "'epsilon_low'"), (dict(group_size=2.5), "'group_size'")):
         with pytest.raises(ValueError, match=f"run_grpo: {name}"):
             run_grpo(model, tok, rows, config(tmp_path, "grpo"), **kw)

@@ -79,8 +79,9 @@ def _like(name, value, ref):
     checks.same_device(OP, "logps", ref, **{name: value})
 
 
-def _normalizer(value, default, acc, device):
-    """The aggregation's denominator as a 0-d tensor; 0 becomes 1 (the numerator is then 0)."""
+def _normalizer(value, default, acc, device, mask):
+    """The aggregation's denominator as a 0-d tensor; 0 becomes 1 (the numerator is then 0, which a
+    CPU tensor 0 given with unmasked tokens would contradict: that raises)."""
     if value is None:
         value = default
     elif isinstance(value, torch.Tensor):
@@ -101,6 +102,9 @@ def _normalizer(value, default, acc, device):
         v = float(value)
         if v != 0:
             checks.representable(OP, "normalizer", v, acc)
+        elif bool(mask.any()):
+            raise ValueError(f"{OP}: 'normalizer' is 0 but the mask selects {int(mask.sum())} tokens "
+                             "(0 means the whole step has none)")
     value = torch.as_tensor(value, dtype=acc, device=device)
     return torch.where(value == 0, torch.ones_like(value), value)
 
@@ -244,7 +248,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
             per_token = per_token + beta * kl
     per_token = torch.where(m, per_token, zero)
 
-    denom = _normalizer(normalizer, default_normalizer(loss_type, m), acc, logps.device)
+    denom = _normalizer(normalizer, default_normalizer(loss_type, m), acc, logps.device, m)
     if AGGREGATION[loss_type] == "seq-mean-token-mean":
         loss = (per_token.sum(-1) / mf.sum(-1).clamp(min=1)).sum() / denom
     else:

@@ -72,7 +72,8 @@ def check_options(*, reward_fns=(answer_reward,), reward_weights=None, group_siz
     _int(op, "group_size", group_size, 2)  # group statistics need two completions
     _int(op, "max_new_tokens", max_new_tokens, 1)
     _int(op, "num_iterations", num_iterations, 1)
-    checks.number(op, "temperature", temperature, low=0, low_open=True)
+    from ptcore.ops.rows import MIN_TEMPERATURE  # the fused log-prob ops' bound, checked here before any rollout
+    checks.number(op, "temperature", temperature, low=MIN_TEMPERATURE)
     checks.number(op, "kl_coef", kl_coef, low=0)
     checks.number(op, "epsilon_low", epsilon_low, low=0, high=1)
     if epsilon_high is not None:
