@@ -215,3 +215,25 @@ def test_cli_rollout_flags(tmp_path, capsys):
     assert main(["grpo", "--task", "addition", "--output", str(tmp_path / "b"), "--rollout-clip-min", "4",
                  *tiny_args]) == 2
     assert "rollout" in capsys.readouterr().err
+
+
+def test_truncated_sampling_matches_truncation_aware_trainer(tmp_path):
+    """top_k / top_p on the engine: the trainer's log-probs of the truncated distribution equal the
+    sampler's to rounding, where the full-vocabulary log-probs are off by log S."""
+    from ptcore.ops import linear_logprobs
+    model, tok = tiny()
+    obj, prompts = objective(tmp_path, model, tok, top_k=6, top_p=0.9, deterministic=True, temperature=1.0)
+    b = obj.make_rollout(model, prompts)
+    _, metrics = obj.loss(model, b, obj.units(b))
+    assert metrics["rollout/logp_diff_max"] < 1e-4, metrics
+    m = b["mask"].bool()
+    with torch.no_grad():
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
+                    output_hidden_states=True)
+        full = linear_logprobs(out.hidden_states[-1], model.get_output_embeddings().weight, b["target"])
+    assert (b["sampling_logps"] - full)[m].abs().mean() > 1e-2  # the bias log S the truncation removes
+    res = run_grpo(model, tok, DATA, config(tmp_path, "t", max_steps=1, batch_size=2), reward_fns=[first_char],
+                   group_size=2, max_new_tokens=4, top_k=5, top_p=0.8)
+    assert res.metrics[0]["rollout/logp_diff_max"] < 1e-4
+    with pytest.raises(ValueError, match="top_p"):
+        objective(tmp_path, model, tok, top_p=0.0)

@@ -99,6 +99,8 @@ def make_parser(kind: str) -> argparse.ArgumentParser:
         p.add_argument("--off-policy-threshold", type=float, default=None, help="OPSM threshold")
         p.add_argument("--stop-string", action="append", default=[], help="repeatable (engine rollouts)")
         p.add_argument("--engine-max-tokens", type=int, default=None, help="the engine's KV cache")
+        p.add_argument("--top-k", type=int, default=0, help="truncated sampling (0: off)")
+        p.add_argument("--top-p", type=float, default=1.0, help="truncated sampling (1: off)")
         p.add_argument("--deterministic", action="store_true",
                        help="batch-invariant trainer log-probs (linear_logprobs deterministic=True)")
     return p
@@ -108,7 +110,8 @@ def _rollout_kwargs(args) -> dict:
     return dict(rollout=args.rollout, rollout_correction=args.rollout_correction,
                 rollout_clip=(args.rollout_clip_min, None if args.no_rollout_clip_max else args.rollout_clip_max),
                 off_policy_threshold=args.off_policy_threshold, stop_strings=tuple(args.stop_string),
-                engine_max_tokens=args.engine_max_tokens, deterministic=args.deterministic)
+                engine_max_tokens=args.engine_max_tokens, deterministic=args.deterministic,
+                top_k=args.top_k, top_p=args.top_p)
 
 
 def _config(args) -> TrainConfig:

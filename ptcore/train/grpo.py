@@ -3,8 +3,9 @@
 Every ``num_iterations`` optimizer steps, a rollout: each prompt of the step's global batch gets
 ``group_size`` completions sampled from the current policy (on :class:`ptcore.engine.Engine`
 over the policy's own parameters by default, or ``model.generate`` with ``rollout="hf"``;
-temperature sampling with no top-k / top-p, so the sampled distribution is the tempered
-softmax, whose log-probs of the sampled tokens go to the loss as ``sampling_logps``), rewards
+temperature sampling, with optional top-k / top-p, so the sampled distribution is the
+tempered, possibly truncated softmax, whose log-probs of the sampled tokens go to the loss as
+``sampling_logps``), rewards
 from Python callables, group advantages (:func:`ptcore.ops.group_advantages`), and with
 ``kl_coef > 0`` the reference's log-probs. ``old_logps`` are the sampling policy's on the same
 tempered distribution: the first optimization pass over a rollout comes before any update, so
@@ -25,7 +26,7 @@ import math
 
 import torch
 
-from ptcore.ops import group_advantages, linear_logprobs, linear_policy_loss
+from ptcore.ops import group_advantages, linear_logprobs, linear_policy_loss, policy_loss
 from ptcore.ops.policy import AGGREGATION
 from ptcore.train import data as D
 from ptcore.train.config import TrainConfig, TrainResult
@@ -62,7 +63,7 @@ def check_options(*, reward_fns=(answer_reward,), reward_weights=None, group_siz
                   epsilon_low=0.2, epsilon_high=None, estimator="grpo", scale_rewards="group",
                   kl_estimator="k3", rollout="engine", rollout_correction=None, rollout_clip=(None, 3.0),
                   off_policy_threshold=None, stop_strings=(), engine_max_tokens=None,
-                  deterministic=False):
+                  deterministic=False, top_k=0, top_p=1.0):
     """Raises ValueError / TypeError naming a bad GRPO option (by run_grpo's names: ``kl_coef``,
     not the loss's ``beta``), before any work. Returns (reward functions, their weights)."""
     from ptcore.ops import checks
@@ -93,6 +94,8 @@ def check_options(*, reward_fns=(answer_reward,), reward_weights=None, group_siz
                          f"need its tokenizer object), got rollout={rollout!r}")
     if engine_max_tokens is not None:
         _int(op, "engine_max_tokens", engine_max_tokens, 1)
+    checks.integer(op, "top_k", top_k, low=0)
+    checks.number(op, "top_p", top_p, low=0, low_open=True, high=1)
     if not isinstance(deterministic, bool):
         raise ValueError(f"{op}: 'deterministic' must be a bool, got {deterministic!r}")
     fns = list(reward_fns) if isinstance(reward_fns, (list, tuple)) else [reward_fns]
@@ -117,7 +120,8 @@ class GRPOObjective(BaseObjective):
                  epsilon_low: float = 0.2, epsilon_high=None, estimator: str = "grpo",
                  scale_rewards: str = "group", kl_estimator: str = "k3", rollout: str = "engine",
                  rollout_correction=None, rollout_clip=(None, 3.0), off_policy_threshold=None,
-                 stop_strings=(), engine_max_tokens=None, deterministic: bool = False):
+                 stop_strings=(), engine_max_tokens=None, deterministic: bool = False,
+                 top_k: int = 0, top_p: float = 1.0):
         super().__init__(prompts, config)
         fns, weights = check_options(
             reward_fns=reward_fns, reward_weights=reward_weights, group_size=group_size,
@@ -126,7 +130,8 @@ class GRPOObjective(BaseObjective):
             estimator=estimator, scale_rewards=scale_rewards, kl_estimator=kl_estimator,
             rollout=rollout, rollout_correction=rollout_correction, rollout_clip=rollout_clip,
             off_policy_threshold=off_policy_threshold, stop_strings=stop_strings,
-            engine_max_tokens=engine_max_tokens, deterministic=deterministic)
+            engine_max_tokens=engine_max_tokens, deterministic=deterministic, top_k=top_k, top_p=top_p)
+        self.top_k, self.top_p = top_k, float(top_p)
         self.rollout_kind, self.stop_strings = rollout, tuple(stop_strings)
         self.engine_max_tokens, self.deterministic = engine_max_tokens, deterministic
         self.engine = None
@@ -319,7 +324,7 @@ class GRPOObjective(BaseObjective):
         with _autocast(self.device, self.config.bf16):
             cache = self._shared_prompt_cache(policy, ids[::self.G], attn[::self.G])
             out = policy.generate(input_ids=ids, attention_mask=attn, do_sample=True,
-                                  temperature=self.temperature, top_k=0, top_p=1.0,
+                                  temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                   max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
                                   eos_token_id=self.eos_id, cache=cache, output_scores=True,
                                   return_dict_in_generate=True,
@@ -349,6 +354,7 @@ class GRPOObjective(BaseObjective):
                                  g0 + k)) & (2**62 - 1)
                     params = SamplingParams(max_new_tokens=self.max_new_tokens,
                                             temperature=self.temperature, seed=seed,
+                                            top_k=self.top_k, top_p=self.top_p,
                                             stop_strings=self.stop_strings)
                     roots.append(eng.start(list(p["prompt"]), compute=False))
                     sp += [params] * self.G
@@ -401,7 +407,8 @@ class GRPOObjective(BaseObjective):
         """Per-token log-probs ``[B, T]`` of the targets on the tempered distribution."""
         tgt = batch["target"]
         head = lambda hidden, weight, softcap: linear_logprobs(hidden, weight, tgt, softcap=softcap,
-                                                              temperature=self.temperature)
+                                                              temperature=self.temperature,
+                                                              top_k=self.top_k, top_p=self.top_p)
         with _autocast(self.device, self.config.bf16):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         position_ids=batch["position_ids"], head_loss=head, use_cache=False)
@@ -433,7 +440,18 @@ class GRPOObjective(BaseObjective):
                 with torch.no_grad():
                     mb["old_logps"] = linear_logprobs(hidden.detach(), weight.detach(), mb["target"],
                                                       softcap=softcap, temperature=self.temperature,
-                                                      deterministic=self.deterministic)
+                                                      deterministic=self.deterministic,
+                                                      top_k=self.top_k, top_p=self.top_p)
+            if self.top_k or self.top_p < 1:
+                # truncated sampling: the policy's log-probs of the truncated distribution
+                # (log p - log S over the sampler's kept set), then the loss on them
+                logp, ent = linear_logprobs(hidden, weight, mb["target"], softcap=softcap,
+                                            temperature=self.temperature, top_k=self.top_k,
+                                            top_p=self.top_p, return_entropy=True)
+                return policy_loss(logp, mb["old_logps"], mb["advantages"], mb["mask"],
+                                   ref_logps=mb.get("ref_logps"), normalizer=float(max(global_units, 1)),
+                                   entropy=ent, sampling_logps=mb.get("sampling_logps"),
+                                   **self.rollout_opts, **self.loss_opts)
             return linear_policy_loss(hidden, weight, mb["target"], mb["old_logps"], mb["advantages"],
                                       mb["mask"], ref_logps=mb.get("ref_logps"), softcap=softcap,
                                       temperature=self.temperature, normalizer=float(max(global_units, 1)),
@@ -476,7 +494,8 @@ def run_grpo(model, tokenizer, data, config: TrainConfig, *, reward_fns=(answer_
              estimator: str = "grpo", scale_rewards: str = "group",
              max_prompt_length: int = None, rollout: str = "engine", rollout_correction=None,
              rollout_clip=(None, 3.0), off_policy_threshold=None, stop_strings=(),
-             engine_max_tokens=None, deterministic: bool = False) -> TrainResult:
+             engine_max_tokens=None, deterministic: bool = False, top_k: int = 0,
+             top_p: float = 1.0) -> TrainResult:
     """GRPO on ``data`` (jsonl path or list of dicts with ``prompt`` and, for the built-in reward,
     ``answer``). ``config.batch_size`` counts prompts; each gets ``group_size`` completions.
     ``loss_type`` is any of :func:`ptcore.ops.policy_loss`'s (default dapo: token-mean over the
@@ -493,7 +512,10 @@ def run_grpo(model, tokenizer, data, config: TrainConfig, *, reward_fns=(answer_
     :func:`ptcore.ops.policy_loss`'s (TRL 1.16's vLLM importance-sampling correction and OPSM),
     and the mismatch metrics (``rollout/logp_diff_mean|max``, ``rollout/kl_k3``, the masked
     fractions) go to metrics.jsonl. ``deterministic`` computes the trainer's old log-probs with
-    ``linear_logprobs(deterministic=True)``."""
+    ``linear_logprobs(deterministic=True)``. ``top_k`` / ``top_p`` truncate the sampling (engine or
+    generate); the trainer's log-probs (old, current, reference) are then the truncated
+    distribution's, renormalized over the kept set (``linear_logprobs(top_k=, top_p=)``), and the
+    loss runs unfused on them."""
     check_options(reward_fns=reward_fns, reward_weights=reward_weights, group_size=group_size,
                   temperature=temperature, max_new_tokens=max_new_tokens,
                   num_iterations=num_iterations, kl_coef=kl_coef, loss_type=loss_type,
@@ -501,7 +523,7 @@ def run_grpo(model, tokenizer, data, config: TrainConfig, *, reward_fns=(answer_
                   scale_rewards=scale_rewards, rollout=rollout, rollout_correction=rollout_correction,
                   rollout_clip=rollout_clip, off_policy_threshold=off_policy_threshold,
                   stop_strings=stop_strings, engine_max_tokens=engine_max_tokens,
-                  deterministic=deterministic)
+                  deterministic=deterministic, top_k=top_k, top_p=top_p)
     records = D.load_records(data, "grpo")
     fns = list(reward_fns) if isinstance(reward_fns, (list, tuple)) else [reward_fns]
     if answer_reward in fns:
@@ -515,5 +537,6 @@ def run_grpo(model, tokenizer, data, config: TrainConfig, *, reward_fns=(answer_
                               estimator=estimator, scale_rewards=scale_rewards, rollout=rollout,
                               rollout_correction=rollout_correction, rollout_clip=rollout_clip,
                               off_policy_threshold=off_policy_threshold, stop_strings=stop_strings,
-                              engine_max_tokens=engine_max_tokens, deterministic=deterministic)
+                              engine_max_tokens=engine_max_tokens, deterministic=deterministic,
+                              top_k=top_k, top_p=top_p)
     return train(model, objective, config, tokenizer=tokenizer)
