@@ -214,7 +214,7 @@ def test_cli_rollout_flags(tmp_path, capsys):
         assert k in m
     assert main(["grpo", "--task", "addition", "--output", str(tmp_path / "b"), "--rollout-clip-min", "4",
                  *tiny_args]) == 2
-    assert "rollout" in capsys.readouterr().err
+    assert "--rollout-clip-min/--rollout-clip-max must have min <= max" in capsys.readouterr().err
 
 
 def test_truncated_sampling_matches_truncation_aware_trainer(tmp_path):

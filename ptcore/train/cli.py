@@ -160,7 +160,8 @@ class CLIError(ValueError):
 
 
 # Option names of the Python API whose flag is spelled differently.
-_FLAG_OF = {"output_dir": "--output", "epsilon_low": "--epsilon", "ref_model": "--ref-model"}
+_FLAG_OF = {"output_dir": "--output", "epsilon_low": "--epsilon", "ref_model": "--ref-model",
+            "rollout_clip": "--rollout-clip-min/--rollout-clip-max", "stop_strings": "--stop-string"}
 _PREFIX = re.compile(r"^(TrainConfig|run_sft|run_dpo|run_grpo|dpo_loss|policy_loss|load_records): ")
 
 
