@@ -204,6 +204,12 @@ def test_fused_equals_unfused(mode, threshold):
     ref.loss.backward()
     torch.testing.assert_close(fused.loss, ref.loss, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(hf.grad, hu.grad, rtol=1e-8, atol=1e-10)
+    if mode.endswith("mask"):  # the draw exercises the correction
+        assert 0 < float(ref.metrics["rollout/masked_fraction"]) < 1
+    # and the fused loss against TRL's _compute_loss on the same log-probs
+    want = trl_loss(lp.detach(), old, samp, adv, mask.double(), loss_type="grpo", mode=mode,
+                    clip=(0.9, 1.1), threshold=threshold, eps_high=0.2)
+    torch.testing.assert_close(fused.loss, want, rtol=1e-9, atol=1e-12)
     for k, v in ref.metrics.items():
         if k.startswith("rollout/"):
             torch.testing.assert_close(fused.metrics[k], v, rtol=1e-9, atol=1e-12)
