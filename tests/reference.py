@@ -31,7 +31,7 @@ def rel_err(out, ref):
     return float((out - ref).norm() / (denom if denom > 0 else 1.0))
 
 
-# The tolerance rule (shared/reference/kernels.md section 2), the one place tests take it from: a
+# The tolerance rule (docs/kernels.md section 4), the one place tests take it from: a
 # non-float64 result's error against the float64 oracle is at most twice the error of the naive
 # PyTorch computation in the same dtype against the same oracle, plus a slack. Both errors come
 # from the same machine, thread count and shapes, so the bound follows them; fixed constants

@@ -1,5 +1,5 @@
 """ptcore.ops.linear_cross_entropy on every backend here against the float64 oracle
-(tolerance rule: tests/reference.py assert_rule, shared/reference/kernels.md section 2)."""
+(tolerance rule: tests/reference.py assert_rule, docs/kernels.md section 4)."""
 import pytest
 import torch
 

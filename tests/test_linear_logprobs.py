@@ -1,6 +1,6 @@
 """ptcore.ops.linear_logprobs on every backend here against float64 log_softmax + gather and the
-float64 entropy (tolerance rule: tests/reference.py assert_rule, shared/reference/kernels.md
-section 2), and its invariances."""
+float64 entropy (tolerance rule: tests/reference.py assert_rule, docs/kernels.md
+section 4), and its invariances."""
 import pytest
 import torch
 
