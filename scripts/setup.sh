@@ -36,7 +36,7 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q "${pin[@]}" pip setuptools wheel
-pip install -q "${pin[@]}" "$TORCH_REQ"
+pip install -q "${pin[@]}" "$TORCH_REQ" numpy  # numpy with torch: the check below imports torch
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   "$VENV/bin/python" - <<'PYEOF'
 import torch, sys
