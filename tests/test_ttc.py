@@ -1,6 +1,7 @@
 """ptcore.ttc strategies on a tiny random model with deterministic toy scorers: each does what its
 definition says (docs/ttc.md §3), prefix reuse is exact (tokens computed == tree tokens), the
 reward-model scorer reuses its own KV cache, seeded searches repeat."""
+import copy
 from collections import Counter
 
 import pytest
@@ -9,6 +10,7 @@ import transformers as tf
 
 from ptcore import ttc
 from ptcore.engine import Engine, SamplingParams
+from tests.reference import assert_rule, rel_err, rule_bound
 
 V = 512
 DIGIT = 7  # the toy scorers count this token
@@ -21,6 +23,33 @@ def engine(seed=0, **kw):
                          eos_token_id=3, bos_token_id=None)
     model = tf.LlamaForCausalLM(cfg).eval()  # near-uniform next tokens: siblings rarely share one
     return Engine(model, **{"page_size": 4, "max_cached_tokens": 16384, **kw})
+
+
+def hf_logits(model, tokens, dtype):
+    """Next-token logits of a plain HF forward of ``model`` in ``dtype``: float64 for the oracle,
+    float32 for the naive baseline of the tolerance rule (tests/reference.py)."""
+    with torch.no_grad():
+        return copy.deepcopy(model).to(dtype)(torch.tensor([tokens])).logits[0, -1]
+
+
+def hf_prob(model, tokens, pos, neg, dtype):
+    """The reward-model score P(pos | pos or neg) from a plain HF forward, computed in ``dtype``."""
+    return torch.softmax(hf_logits(model, tokens, dtype)[[pos, neg]], 0)[0]
+
+
+def assert_score(score, model, tokens, pos, neg, what="score"):
+    """An fp32 engine's score against the float64 HF forward under the tolerance rule."""
+    ref, naive = (hf_prob(model, tokens, pos, neg, dt) for dt in (torch.float64, torch.float32))
+    assert_rule(torch.tensor(score, dtype=torch.float64), ref, naive, what, dtype=torch.float32)
+
+
+def assert_logits_agree(got, other, model, tokens):
+    """Two fp32 engines' next-token logits: each within the tolerance rule of the float64 HF forward,
+    and from each other by at most half the rule's bound."""
+    ref, naive = hf_logits(model, tokens, torch.float64), hf_logits(model, tokens, torch.float32)
+    assert_rule(got, ref, naive, "logits")
+    assert_rule(other, ref, naive, "fresh engine logits")
+    assert rel_err(got, other) <= rule_bound(naive, ref) / 2
 
 
 def count_digit(candidates):
@@ -131,14 +160,13 @@ def test_reward_model_scorer_reuses_its_cache():
     r = ttc.beam_search(policy, PROMPT, scorer, num_beams=2, expansions=2, max_steps=3, step_params=STEP)
     # scores equal a from-scratch HF forward of prompt + steps so far (min over step prefixes)
     for c, s in zip(r.candidates, r.scores):
-        vals = []
+        vals64, vals32 = [], []
         acc = list(PROMPT)
         for step in c.steps:
             acc = acc + step
-            with torch.no_grad():
-                z = rm.hf_model(torch.tensor([acc])).logits[0, -1].double()
-            vals.append(float(torch.softmax(z[[DIGIT, 8]], 0)[0]))
-        assert s == pytest.approx(min(vals), rel=1e-5)
+            vals64.append(hf_prob(rm.hf_model, acc, DIGIT, 8, torch.float64))
+            vals32.append(hf_prob(rm.hf_model, acc, DIGIT, 8, torch.float32))
+        assert_rule(torch.tensor(s, dtype=torch.float64), min(vals64), min(vals32), "min score", dtype=torch.float32)
     st = r.stats
     assert st.scorer_tokens_computed <= st.scorer_tree_tokens + st.scorer_calls  # at most a token per call again
     assert st.scorer_tree_tokens > len(PROMPT)
@@ -197,9 +225,7 @@ def test_last_number_and_text_scorers():
     scorer = ttc.RewardModelScorer(rm, positive_token_id=pos, negative_token_id=neg, retokenize=True)
     scores = scorer(r.candidates)
     for c, s in zip(r.candidates, scores):  # the reward model reads the text through its own tokenizer
-        with torch.no_grad():
-            z = rm.hf_model(torch.tensor([tok.encode(c.prompt_text + c.text)])).logits[0, -1].double()
-        assert s == pytest.approx(float(torch.softmax(z[[pos, neg]], 0)[0]), rel=1e-5)
+        assert_score(s, rm.hf_model, tok.encode(c.prompt_text + c.text), pos, neg)
 
 
 def _no_running(eng):
@@ -229,7 +255,8 @@ def test_cache_full_mid_expansion_leaks_nothing_and_caches_nothing_unwritten():
     assert eng.cache.radix.cached_tokens <= len(prompt)  # at most the computed prompt (forks share it)
     seq = eng.start(prompt)  # what was cached is right: the logits of a fresh engine (fp32 rounding)
     fresh = engine().start(prompt).logits
-    assert seq.handle.cached_len > 0 and torch.allclose(seq.logits, fresh, rtol=1e-4, atol=1e-5)
+    assert seq.handle.cached_len > 0
+    assert_logits_agree(seq.logits, fresh, eng.hf_model, prompt)
     eng.release(seq)
     r = ttc.best_of_n(eng, prompt[:9], count_digit, n=2, params=SamplingParams(max_new_tokens=2, seed=0))
     assert len(r.candidates) == 2
@@ -256,11 +283,9 @@ def test_reward_model_scorer_bad_token_leaks_nothing():
     with pytest.raises(ValueError, match="outside"):
         scorer([good, bad])
     _no_running(rm)
-    with torch.no_grad():  # afterwards the scorer still scores right: a plain HF forward
-        z = rm.hf_model(torch.tensor([PROMPT + [1, 2]])).logits[0, -1].double()
-    want = float(torch.softmax(z[[DIGIT, 8]], 0)[0])
-    assert scorer([good])[0] == pytest.approx(want, rel=1e-5)
-    assert scorer([good])[0] == pytest.approx(want, rel=1e-5)  # again, from its cache
+    # afterwards the scorer still scores right: a plain HF forward
+    assert_score(scorer([good])[0], rm.hf_model, PROMPT + [1, 2], DIGIT, 8)
+    assert_score(scorer([good])[0], rm.hf_model, PROMPT + [1, 2], DIGIT, 8, "again, from its cache")
     _no_running(rm)
 
 
@@ -289,7 +314,7 @@ def test_interrupted_search_caches_no_unwritten_kv(monkeypatch):
     for c in want.candidates:  # the two steps the interrupted search got into, then one more token
         tokens = PROMPT + c.tokens[:2] + [1]
         got, ref = eng.start(tokens), fresh.start(tokens)
-        assert torch.allclose(got.logits, ref.logits, rtol=1e-4, atol=1e-5)
+        assert_logits_agree(got.logits, ref.logits, eng.hf_model, tokens)
         eng.release(got)
         fresh.release(ref)
     again = ttc.best_of_n(eng, PROMPT, count_digit, n=3, params=params)
