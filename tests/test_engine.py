@@ -9,7 +9,7 @@ import torch
 import transformers as tf
 
 from ptcore.engine import Engine, SamplingParams, sample
-from tests.reference import rel_err
+from tests.reference import assert_rule, rel_err
 from tests.test_speculative_verify import ALPHA, chi2_pvalue
 
 COMMON = dict(vocab_size=131, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
@@ -67,11 +67,15 @@ def test_logits_match_hf_forward(family, fuse, page_size):
     assert rel_err(seq.logits, ref[22]) < 1e-12
     rows = engine.forward([seq], [ids[0, 23:].tolist()], all_logits=True)[0]
     assert rows.shape == (17, 131) and rel_err(rows, ref[23:]) < 1e-12
-    # fp32 engine against the float64 HF forward (docs/kernels.md §4)
-    engine32 = Engine(copy.deepcopy(model).float(), page_size=page_size, max_cached_tokens=1024, fuse_weights=fuse)
+    # fp32 engine against the float64 HF forward under the tolerance rule (docs/kernels.md §4),
+    # the naive baseline being the plain HF forward of the same model in fp32
+    model32 = copy.deepcopy(model).float()
+    naive = model32(ids).logits[0, 23:].detach()
+    engine32 = Engine(model32, page_size=page_size, max_cached_tokens=1024, fuse_weights=fuse)
     s32 = engine32.start(ids[0, :23].tolist())
     rows32 = engine32.forward([s32], [ids[0, 23:].tolist()], all_logits=True)[0]
-    assert rows32.dtype == torch.float32 and rel_err(rows32.double(), ref[23:]) < 1e-4
+    assert rows32.dtype == torch.float32
+    assert_rule(rows32, ref[23:], naive, "fp32 engine logits")
 
 
 def test_batched_ragged_forward_equals_one_by_one():
