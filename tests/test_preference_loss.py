@@ -8,6 +8,7 @@ import torch
 
 from ptcore.ops import preference
 from ptcore.ops.preference import LOSS_TYPES, dpo_loss
+from tests.reference import assert_rule
 
 
 def ls(x):  # log-sigmoid, stable
@@ -50,6 +51,43 @@ def oracle_pair(kind, pc, pr, refc, refr, lc, lr, *, beta, e, gamma, lam, nll):
     return (-pc / lc if nll is None else nll) - lam * ls(odds[0] - odds[1])
 
 
+def naive_loss(kind, pc, pr, refc, refr, lc, lr, *, beta, e, gamma, lam):
+    """oracle_pair written with plain PyTorch ops on tensors, mean over pairs, in the inputs' dtype:
+    the naive baseline of the tolerance rule for the float32 loss."""
+    F, lc, lr = torch.nn.functional, lc.to(pc.dtype), lr.to(pc.dtype)
+    ls, sig = F.logsigmoid, torch.sigmoid
+    rc, rr = pc - refc, pr - refr
+    D = rc - rr
+    if kind == "sigmoid":
+        per = -(1 - e) * ls(beta * D) - e * ls(-beta * D)
+    elif kind == "robust":
+        per = (-(1 - e) * ls(beta * D) + e * ls(-beta * D)) / (1 - 2 * e)
+    elif kind == "hinge":
+        per = (1 - beta * D).clamp(min=0)
+    elif kind == "ipo":
+        per = (rc / lc - rr / lr - 1 / (2 * beta)) ** 2
+    elif kind == "exo_pair":
+        e = e or 1e-3
+        per = sig(beta * D) * (ls(beta * D) - math.log(1 - e)) + sig(-beta * D) * (ls(-beta * D) - math.log(e))
+    elif kind == "nca_pair":
+        per = -ls(beta * rc) - 0.5 * ls(-beta * rc) - 0.5 * ls(-beta * rr)
+    elif kind == "bco_pair":
+        per = -ls(beta * rc) - ls(-beta * rr)
+    elif kind == "sppo_hard":
+        per = (rc - 1 / (2 * beta)) ** 2 + (rr + 1 / (2 * beta)) ** 2
+    elif kind == "apo_zero":
+        per = (1 - sig(beta * rc)) + sig(beta * rr)
+    elif kind == "apo_down":
+        per = sig(beta * rc) + (1 - sig(beta * D))
+    elif kind == "simpo":
+        per = -ls(beta * (pc / lc - pr / lr) - gamma)
+    else:
+        assert kind == "orpo"
+        odds = [a - torch.log(-torch.expm1(a)) for a in (pc / lc, pr / lr)]
+        per = -pc / lc - lam * ls(odds[0] - odds[1])
+    return per.mean()
+
+
 def batch(B=6, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     lc = torch.randint(2, 12, (B,), generator=g)
@@ -71,12 +109,15 @@ def test_matches_oracle(kind, beta, e):
                        beta=beta, e=e, gamma=0.8, lam=0.3, nll=None) for i in range(len(pc))]
     assert out.loss.dtype == torch.float64
     assert out.loss.item() == pytest.approx(sum(per) / len(per), rel=1e-10, abs=1e-12)
-    # float32 inputs compute in float32 and agree to float32 precision
-    out32 = dpo_loss(*(t.float() for t in (pc, pr, refc, refr)), beta=beta, loss_type=kind,
-                     label_smoothing=e, chosen_lengths=lc, rejected_lengths=lr, gamma=0.8,
-                     orpo_lambda=0.3)
+    # float32 inputs compute in float32: against the float64 loss under the tolerance rule, the
+    # naive baseline being the same formulas in plain float32 PyTorch from the same float32 inputs
+    in32 = [t.float() for t in (pc, pr, refc, refr)]
+    out32 = dpo_loss(*in32, beta=beta, loss_type=kind, label_smoothing=e, chosen_lengths=lc,
+                     rejected_lengths=lr, gamma=0.8, orpo_lambda=0.3)
     assert out32.loss.dtype == torch.float32
-    assert out32.loss.item() == pytest.approx(out.loss.item(), rel=2e-4, abs=1e-5)
+    naive = naive_loss(kind, *in32, lc, lr, beta=beta, e=e, gamma=0.8, lam=0.3)
+    assert naive.dtype == torch.float32
+    assert_rule(out32.loss, out.loss, naive, f"{kind} float32 loss")
 
 
 @pytest.mark.parametrize("kind, args, kw, expected", [
