@@ -8,7 +8,23 @@ import torch
 
 from ptcore.train import checkpoint, run_grpo, run_sft
 from ptcore.train.loop import Shuffler, lr_lambda
+from tests.reference import assert_rule, rel_err, rule_bound
 from tests.train_helpers import config, math_of, one_thread, same_params, sft_rows, tiny  # noqa: F401
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _same_up_to_rounding(a, c, ref, naive, what):
+    """Two fp32 computations of one quantity: each within the tolerance rule of the float64
+    oracle, and from each other by at most half the rule's bound."""
+    a, c = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(c, dtype=torch.float32)
+    naive = torch.as_tensor(naive, dtype=torch.float32)
+    ref = torch.as_tensor(ref, dtype=torch.float64)
+    assert_rule(a, ref, naive, what)
+    assert_rule(c, ref, naive, what)
+    assert rel_err(a, c) <= rule_bound(naive, ref) / 2, what
 
 
 def test_warmup_cosine_schedule():
@@ -34,17 +50,20 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     rows = sft_rows(16)
     rows[0]["completion"] *= 4  # token counts differ a lot between micro-batches
     runs = {}
-    for bs, acc in ((4, 1), (2, 2), (1, 4)):
-        model, tok = tiny()
-        res = run_sft(model, tok, rows, config(tmp_path, f"b{bs}", batch_size=bs, grad_accum=acc, max_steps=3),
-                      packing=False)
-        runs[(bs, acc)] = (model, res.metrics)
-    (m0, r0) = runs[(4, 1)]
-    for key in ((2, 2), (1, 4)):
+    # the float64 run is the oracle, the fp32 one big batch the naive baseline of the tolerance rule
+    for bs, acc, dtype in ((4, 1, torch.float64), (4, 1, None), (2, 2, None), (1, 4, None)):
+        model, tok = tiny(dtype=dtype)
+        res = run_sft(model, tok, rows, config(tmp_path, f"b{bs}-{dtype}", batch_size=bs, grad_accum=acc,
+                                               max_steps=3), packing=False)
+        runs[(bs, acc, dtype)] = (model, res.metrics)
+    (m64, r64), (m0, r0) = runs[(4, 1, torch.float64)], runs[(4, 1, None)]
+    assert next(m64.parameters()).dtype == torch.float64 and next(m0.parameters()).dtype == torch.float32
+    loss = lambda r: [x["loss"] for x in r]
+    for key in ((2, 2, None), (1, 4, None)):
         m, r = runs[key]
-        for a, b in zip(r0, r):
-            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["tokens"] == b["tokens"]
-        same_params(m0, m, exact=False, atol=1e-5)
+        assert [a["tokens"] for a in r0] == [b["tokens"] for b in r] == [c["tokens"] for c in r64]
+        _same_up_to_rounding(loss(r0), loss(r), loss(r64), loss(r0), f"losses {key}")
+        _same_up_to_rounding(_flat(m0), _flat(m), _flat(m64), _flat(m0), f"parameters {key}")
     # the micro-batches did hold different token counts (so the test can fail)
     from ptcore.train import data as D
     model, tok = tiny()
@@ -53,23 +72,60 @@ def test_accumulation_equals_one_big_batch(tmp_path):
 
 
 def test_clipping(tmp_path, monkeypatch):
+    """The logged norm is the one before clipping; the clipped gradients have norm max_norm (up to
+    clip_grad_norm_'s own 1e-6 in the denominator). Both against float64 norms of the very
+    gradients the loop clips, under the tolerance rule, the naive baseline being the plain fp32
+    norm (and, for the clipped norm, the plain fp32 scaling by 0.01 / (fp32 norm + 1e-6))."""
     seen = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def norms(grads):  # (float64 oracle, naive fp32) norms of fp32 gradients
+        n64 = torch.linalg.vector_norm(torch.cat([g.double().reshape(-1) for g in grads]))
+        n32 = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
+        assert n32.dtype == torch.float32
+        return n64, n32
+
+    def spy(params, max_norm, *a, **k):
+        params = list(params)
+        grads = [p.grad for p in params if p.grad is not None]
+        pre64, pre32 = norms(grads)
+        before = [g.clone() for g in grads]
+        out = real_clip(params, max_norm, *a, **k)
+        post64, _ = norms(grads)
+        if math.isinf(max_norm):
+            naive_post = pre32.double()
+            ref_post = pre64
+        else:
+            c32 = torch.tensor(max_norm, dtype=torch.float32) / (pre32 + 1e-6)
+            naive_post = norms([g * c32 for g in before])[0]
+            ref_post = max_norm * pre64 / (pre64 + 1e-6)
+        seen.append((out.detach().clone(), pre64, pre32, post64, ref_post, naive_post))
+        return out
+
+    stepped = []
     real_step = torch.optim.AdamW.step
 
-    def spy(self, *a, **k):
-        seen.append(math.sqrt(sum(float(p.grad.pow(2).sum()) for g in self.param_groups
-                                  for p in g["params"] if p.grad is not None)))
+    def step_spy(self, *a, **k):  # the optimizer steps with the gradients clip_grad_norm_ clipped
+        stepped.append(norms([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None])[0])
         return real_step(self, *a, **k)
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
-    model, tok = tiny()
-    res = run_sft(model, tok, sft_rows(8), config(tmp_path, "clip", max_grad_norm=0.01, max_steps=2))
-    assert all(m["grad_norm"] > 0.02 for m in res.metrics)  # the norm before clipping is logged
-    assert seen == pytest.approx([0.01, 0.01], rel=1e-4)
-    seen.clear()
-    model, tok = tiny()
-    res = run_sft(model, tok, sft_rows(8), config(tmp_path, "noclip", max_grad_norm=None, max_steps=2))
-    assert seen == pytest.approx([m["grad_norm"] for m in res.metrics], rel=1e-4)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_spy)
+    for name, clip in (("clip", 0.01), ("noclip", None)):
+        seen.clear()
+        stepped.clear()
+        model, tok = tiny()
+        res = run_sft(model, tok, sft_rows(8), config(tmp_path, name, max_grad_norm=clip, max_steps=2))
+        # (float64 norms of the same fp32 gradients, summed in the optimizer's parameter order)
+        assert len(seen) == 2 and [float(x) for x in stepped] == pytest.approx([float(x[3]) for x in seen], rel=1e-12)
+        if clip:
+            assert all(m["grad_norm"] > 0.02 for m in res.metrics)  # the norm before clipping is logged
+        for m, (out, pre64, pre32, post64, ref_post, naive_post) in zip(res.metrics, seen):
+            assert m["grad_norm"] == float(out)
+            assert_rule(out, pre64, pre32, f"{name}: logged norm")
+            assert_rule(post64, ref_post, naive_post, f"{name}: norm after clipping", dtype=torch.float32)
+            if clip:
+                assert abs(float(ref_post) - clip) <= clip * 1e-6 / 0.02  # max_norm, up to the 1e-6
 
 
 class Killed(Exception):
