@@ -1,5 +1,7 @@
 """DPO: reference log-probs computed once and cached; the fused loss (through ptcore.patch) equals
 the unfused composition (logits -> log-softmax -> sequence sums -> ptcore.ops.dpo_loss)."""
+import copy
+
 import pytest
 import torch
 
@@ -10,17 +12,19 @@ from ptcore.train import dpo as dpo_module
 from ptcore.train import run_dpo
 from ptcore.train.config import TrainConfig
 from ptcore.train.distributed import DistContext
+from tests.reference import assert_rule
 from tests.train_helpers import config, one_thread, tiny  # noqa: F401
 
 ROWS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1 + a % 3)}
         for a, b in [(12, 7), (3, 45), (100, 23), (8, 8), (61, 5), (9, 90)]]
 
 
-def unfused_seq_logps(model, batch):
-    """Sum over completion tokens of log_softmax(logits)[target], straight from the logits."""
+def unfused_seq_logps(model, batch, acc=torch.float64):
+    """Sum over completion tokens of log_softmax(logits)[target], straight from the logits, the
+    log-softmax and the sum in ``acc`` (float32 with an fp32 model: the plain fp32 computation)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     tgt = batch["target"]
-    lp = torch.log_softmax(logits.double(), -1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
+    lp = torch.log_softmax(logits.to(acc), -1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
     return torch.where(tgt != -100, lp, 0).sum(-1), (tgt != -100).sum(-1)
 
 
@@ -35,10 +39,15 @@ def test_reference_computed_once_and_cached(tmp_path, monkeypatch):
     cached = torch.load(tmp_path / "d" / "ref_logps.pt")["ref_logps"]
     # the cache holds the initial (frozen) model's log-probs, not the trained one's
     pairs = D.pair_examples(D.load_records(ROWS, "dpo"), tok, 48, report=False)
+    # the cache (fp32 model, fused fp32 log-probs) against the float64 model's log-probs under the
+    # tolerance rule, the naive baseline being the plain fp32 forward, log-softmax and sum
+    batch = dpo_module.pair_batch(pairs, tok.pad_token_id)
     with torch.no_grad():
-        lp, _ = unfused_seq_logps(initial, dpo_module.pair_batch(pairs, tok.pad_token_id))
-    torch.testing.assert_close(cached[:, 0], lp[:6], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cached[:, 1], lp[6:], rtol=1e-5, atol=1e-5)
+        ref64, _ = unfused_seq_logps(copy.deepcopy(initial).double(), batch)
+        naive, _ = unfused_seq_logps(initial, batch, acc=torch.float32)
+    assert ref64.dtype == torch.float64 and naive.dtype == torch.float32
+    assert_rule(cached[:, 0], ref64[:6], naive[:6], "cached chosen log-probs", dtype=torch.float32)
+    assert_rule(cached[:, 1], ref64[6:], naive[6:], "cached rejected log-probs", dtype=torch.float32)
     assert res.metrics[0]["accuracy"] == 0.0 and res.metrics[0]["margin"] == 0.0  # policy == ref at step 1
     # a resumed run reads the cache instead of recomputing with the trained model
     calls.clear()
