@@ -185,29 +185,8 @@ def trl_step(kind, s):
                           generation_kwargs={"min_new_tokens": s["C"]}, log_completions=False, **common)
         trainer = GRPOTrainer(model=model, reward_funcs=[last_number_reward], args=args,
                               train_dataset=Dataset.from_list(grpo_records(tok, s["B"])), processing_class=tok)
-    trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)
-    loader = trainer.get_train_dataloader()
-    state = {"it": iter(loader)}
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
-
-    def next_batch():
-        try:
-            return next(state["it"])
-        except StopIteration:
-            state["it"] = iter(loader)
-            return next(state["it"])
-
-    def step():
-        batch = next_batch()
-        labels = batch.get("labels") if isinstance(batch, dict) else None
-        items = (labels[:, 1:] != -100).sum() if labels is not None else None
-        trainer.training_step(trainer.model, batch, items)
-        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), args.max_grad_norm)
-        trainer.optimizer.step()
-        trainer.lr_scheduler.step()
-        trainer.model.zero_grad(set_to_none=True)
-    return step
+    from bench.trl_loops import trainer_step
+    return trainer_step(trainer, args)
 
 
 def worker(kind: str, case: str, repeats: int) -> dict:

@@ -175,6 +175,13 @@ def trl_step(kind, s, dtype, device):
                           generation_kwargs={"min_new_tokens": s["C"]}, log_completions=False, **common)
         trainer = GRPOTrainer(model=model, reward_funcs=[reward_len], args=args, train_dataset=ds,
                               processing_class=tok)
+    return trainer_step(trainer, args), lambda: None
+
+
+def trainer_step(trainer, args):
+    """One optimizer step of a TRL trainer as ``train()`` takes it (next batch, the training step
+    with the batch's label-token count, clipping, optimizer, scheduler), without ``train()``'s
+    logging and callbacks: the TRL step both loop benchmarks time (here and bench/loop_real.py)."""
     trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)
     loader = trainer.get_train_dataloader()
     state = {"it": iter(loader)}
@@ -200,7 +207,7 @@ def trl_step(kind, s, dtype, device):
         trainer.lr_scheduler.step()
         trainer.model.zero_grad(set_to_none=True)
 
-    return step, lambda: None
+    return step
 
 
 def interface(kind: str) -> dict:
