@@ -1,6 +1,8 @@
 """The portable CPU build and its run-time dispatch (csrc/build.py, ptcore/_ext.py): the default
 build is not -march=native; every ISA variant built here loads (forced by PTCORE_CPU_ISA, one
-subprocess each) and computes what the torch reference does, within the usual tolerances; the
+subprocess each) and is within the tolerance rule of a float64 oracle (tests/reference.py: 2 x the
+naive same-dtype computation's error + slack, measured in that process, so on that CPU and thread
+count), float64 rows within 1e-10 of the float64 torch rows; the
 baseline module holds no AVX instruction and every module exports only its PyInit; a variant the
 CPU lacks, or an unknown one, is refused with a clear error, and the automatic choice falls back
 to the best level the CPU runs."""
@@ -17,9 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ISAS = ("v2", "v3", "v4")
 MODULE = {"v2": "ptcore._C", "v3": "ptcore._C_v3", "v4": "ptcore._C_v4"}
-# rel_err bounds by dtype (tests/reference.py's rule: fp32 math far below 1e-4; 16-bit storage
-# rounds each output element, ~2^-8 relative)
-TOL = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 1e-2, "float16": 2e-3}
+F64_TOL = 1e-10  # float64 kernels against the float64 torch rows: both float64, no rule needed
 
 
 def _load_builder():
@@ -93,12 +93,14 @@ def test_default_build_is_portable_not_native(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Each variant against the torch reference, in its own process
+# Each variant against float64 oracles under the tolerance rule, in its own process
 
 
 def _worker() -> None:
-    """Runs in the subprocess: the chosen variant, then rel errors of the cpu backend against the
-    torch one / the float64 oracle (JSON on the last line)."""
+    """Runs in the subprocess: the chosen variant, then for each comparison the cpu backend's rel
+    error against a float64 oracle and its bound (JSON on the last line). The bound is the rule's,
+    with fp32's slack for 16-bit storage too: every kernel accumulates in fp32, so a 16-bit output
+    only adds its own rounding, which the naive 16-bit computation's error already contains."""
     import torch
 
     import ptcore
@@ -106,7 +108,25 @@ def _worker() -> None:
     from ptcore.ops import (linear_cross_entropy, linear_logprobs, paged_attention_decode, paged_attention_extend,
                             speculative_verify, speculative_verify_tree)
     from ptcore.ops.rows import CROSS_ENTROPY_ROWS
-    from tests.reference import linear_cross_entropy_ref, rel_err
+    from tests.reference import linear_cross_entropy_ref, rel_err, rule_bound
+    from tests.test_paged_attention import oracle
+
+    def rule(got, ref, naive):
+        """[rel error of got vs the float64 ref, 2 x naive's + fp32 slack]."""
+        assert ref.dtype == torch.float64 and naive.dtype == got.dtype != torch.float64
+        return [rel_err(got, ref), rule_bound(naive, ref, torch.float32)]
+
+    def naive_logprobs(x, w, t, temperature=1.0, softcap=None):
+        """Log-probs and entropy by the definition in x's dtype (float64: the oracle); 0 for
+        ignored rows, as linear_logprobs."""
+        z = x @ w.T
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        lsm = torch.log_softmax(z / temperature, -1)
+        valid = t != -100
+        lp = lsm.gather(1, torch.where(valid, t, 0)[:, None])[:, 0]
+        ent = -(lsm.exp() * lsm).sum(-1)
+        return torch.where(valid, lp, 0.0), torch.where(valid, ent, 0.0)
 
     torch.manual_seed(0)
     choice = _ext.cpu_variant()
@@ -124,12 +144,16 @@ def _worker() -> None:
             opts = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, softcap=8.0, write_grad=True)
             scale = torch.rand(n, dtype=acc)
             res = {}
-            for b in ("torch", "cpu"):
-                zz, loss, lse = z.clone(), torch.empty(n, dtype=acc), torch.empty(n, dtype=acc)
-                CROSS_ENTROPY_ROWS[b](zz, t, loss, lse, scale, **opts)
+            # ref: the torch rows in float64; naive: the torch rows in dtype (fp32 math)
+            for b, zb, sb, ab in (("ref", z.double(), scale.double(), torch.float64), ("naive", z, scale, acc),
+                                  ("cpu", z, scale, acc)):
+                zz, loss, lse = zb.clone(), torch.empty(n, dtype=ab), torch.empty(n, dtype=ab)
+                CROSS_ENTROPY_ROWS["cpu" if b == "cpu" else "torch"](zz, t, loss, lse, sb, **opts)
                 res[b] = (zz, loss, lse)
-            for what, got, ref in zip(("grad", "loss", "lse"), res["cpu"], res["torch"]):
-                err[f"cross_entropy_rows {name} V={V} {what}"] = (rel_err(got, ref), name)
+            for i, what in enumerate(("grad", "loss", "lse")):
+                got, ref, naive = res["cpu"][i], res["ref"][i], res["naive"][i]
+                err[f"cross_entropy_rows {name} V={V} {what}"] = (
+                    [rel_err(got, ref), F64_TOL] if dtype == torch.float64 else rule(got, ref, naive))
 
     # The fused linear cross-entropy, fwd+bwd, against the float64 oracle.
     N, H, V = 64, 100, 32001
@@ -145,25 +169,31 @@ def _worker() -> None:
         xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
         ref = linear_cross_entropy_ref(xr, wr, t, **opts)
         ref.backward()
+        xn, wn = x.float().requires_grad_(), w.float().requires_grad_()
+        naive = linear_cross_entropy_ref(xn, wn, t, **opts)
+        naive.backward()
         tag = "linear_cross_entropy" + (" +options" if opts else "")
-        err[f"{tag} loss"] = (rel_err(loss, ref), "float32")
-        err[f"{tag} grad_input"] = (rel_err(xs.grad, xr.grad), "float32")
-        err[f"{tag} grad_weight"] = (rel_err(ws.grad, wr.grad), "float32")
+        err[f"{tag} loss"] = rule(loss, ref, naive)
+        err[f"{tag} grad_input"] = rule(xs.grad, xr.grad, xn.grad)
+        err[f"{tag} grad_weight"] = rule(ws.grad, wr.grad, wn.grad)
 
-    # Log-probs and entropy (stats and grad passes), against the torch backend.
+    # Log-probs and entropy (stats and grad passes), against the definition in float64 (naive: in fp32).
     for opts in (dict(), dict(temperature=0.7, softcap=5.0)):
         res = {}
-        for b in ("torch", "cpu"):
-            xs, ws = x[:40].float().requires_grad_(), w.float().requires_grad_()
-            with ptcore.use_backend(b):
-                lp, ent = linear_logprobs(xs, ws, t[:40], return_entropy=True, **opts)
+        for b, dt in (("ref", torch.float64), ("naive", torch.float32), ("cpu", torch.float32)):
+            xs, ws = x[:40].to(dt, copy=True).requires_grad_(), w.to(dt, copy=True).requires_grad_()
+            if b == "cpu":
+                with ptcore.use_backend("cpu"):
+                    lp, ent = linear_logprobs(xs, ws, t[:40], return_entropy=True, **opts)
+            else:
+                lp, ent = naive_logprobs(xs, ws, t[:40], **opts)
             g = torch.Generator().manual_seed(3)
-            g1, g2 = torch.randn(lp.shape, generator=g), torch.randn(ent.shape, generator=g)
+            g1, g2 = torch.randn(lp.shape, generator=g).to(dt), torch.randn(ent.shape, generator=g).to(dt)  # same draws
             ((lp * g1).sum() + (ent * g2).sum()).backward()
             res[b] = (lp, ent, xs.grad, ws.grad)
         tag = "linear_logprobs" + (" +T,softcap" if opts else "")
-        for what, got, ref in zip(("logp", "entropy", "grad_input", "grad_weight"), res["cpu"], res["torch"]):
-            err[f"{tag} {what}"] = (rel_err(got, ref), "float32")
+        for i, what in enumerate(("logp", "entropy", "grad_input", "grad_weight")):
+            err[f"{tag} {what}"] = rule(res["cpu"][i], res["ref"][i], res["naive"][i])
 
     # Paged attention, decode and extend (tree mask, softcap), against the torch backend.
     S, Hkv, G, D = 16, 2, 4, 64
@@ -187,15 +217,18 @@ def _worker() -> None:
         kd, vd = k.to(dtype), v.to(dtype)
         qd = torch.randn(len(lens), Hkv * G, D).to(dtype)
         qe = torch.randn(sum(q_lens), Hkv * G, D).to(dtype)
-        res = {}
-        for b in ("torch", "cpu"):
-            with ptcore.use_backend(b):
-                res[b] = (paged_attention_decode(qd, kd, vd, table, seq),
-                          paged_attention_decode(qd, kd, vd, table, seq, softcap=30.0),
-                          paged_attention_extend(qe, kd, vd, table, seq, cu),
-                          paged_attention_extend(qe, kd, vd, table, seq, cu, tree_mask=mask, softcap=30.0))
-        for what, got, ref in zip(("decode", "decode softcap", "extend", "extend tree+softcap"), res["cpu"], res["torch"]):
-            err[f"paged_attention {name} {what}"] = (rel_err(got, ref), name)
+        with ptcore.use_backend("cpu"):
+            got = (paged_attention_decode(qd, kd, vd, table, seq),
+                   paged_attention_decode(qd, kd, vd, table, seq, softcap=30.0),
+                   paged_attention_extend(qe, kd, vd, table, seq, cu),
+                   paged_attention_extend(qe, kd, vd, table, seq, cu, tree_mask=mask, softcap=30.0))
+        # the position-by-position oracle of test_paged_attention, in float64 and (naive) in dtype;
+        # decode is extend with one query per sequence
+        cu_d = torch.arange(len(lens) + 1, dtype=torch.int32)
+        cases = ((qd, cu_d, {}), (qd, cu_d, dict(softcap=30.0)), (qe, cu, {}), (qe, cu, dict(tree_mask=mask, softcap=30.0)))
+        for what, att, (qq, cc, kw) in zip(("decode", "decode softcap", "extend", "extend tree+softcap"), got, cases):
+            ref, naive = (oracle(qq, kd, vd, table, seq, cc, dtype=dt, **kw) for dt in (torch.float64, dtype))
+            err[f"paged_attention {name} {what}"] = rule(att, ref, naive)
 
     # Speculative verification: the same tokens as the torch reference, bit for bit.
     B, K, V = 9, 4, 301
@@ -242,7 +275,7 @@ def _variants_here():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_variant_matches_the_torch_reference(isa):
+def test_variant_within_the_rule_of_a_float64_oracle(isa):
     why = dict(_variants_here())[isa]
     if why:
         pytest.skip(why)
@@ -251,10 +284,10 @@ def test_variant_matches_the_torch_reference(isa):
     res = json.loads(next(ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("RESULT "))[7:])
     assert res["variant"]["isa"] == isa and res["variant"]["module"] == MODULE[isa], res["variant"]
     assert Path(res["module_file"]).name.startswith(MODULE[isa].split(".")[1] + "."), res["module_file"]
-    worst = max(res["err"].items(), key=lambda kv: kv[1][0] / TOL[kv[1][1]])
+    worst = max(res["err"].items(), key=lambda kv: kv[1][0] / kv[1][1])
     print(f"{isa} ({res['module_file']}): {len(res['err'])} comparisons, worst {worst[0]}: {worst[1][0]:.2e} "
-          f"(bound {TOL[worst[1][1]]:g}); {len(res['exact'])} exact token checks")
-    bad = {k: (e, TOL[d]) for k, (e, d) in res["err"].items() if not e < TOL[d]}
+          f"(bound {worst[1][1]:.2e}); {len(res['exact'])} exact token checks")
+    bad = {k: (e, b) for k, (e, b) in res["err"].items() if not e <= b}
     assert not bad, bad
     assert all(res["exact"].values()), res["exact"]
 
