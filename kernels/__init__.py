@@ -23,6 +23,7 @@ if __name__ != "ptcore.kernels":
     _sys.modules[__name__] = _module  # the import statement returns what sys.modules holds
     _spec.loader.exec_module(_module)
 else:
+    from .backbone import gated_act_backward, gated_act_forward, rms_norm_backward, rms_norm_forward, rope
     from .cross_entropy import cross_entropy_rows
     from .logprobs import logprob_rows_grad, logprob_rows_stats
     from .paged_attention import paged_attention_decode, paged_attention_extend
@@ -30,3 +31,4 @@ else:
 
     __all__ = ["speculative_verify", "cross_entropy_rows", "logprob_rows_grad", "logprob_rows_stats",
                "paged_attention_decode", "paged_attention_extend"]
+    __all__ += ["gated_act_backward", "gated_act_forward", "rms_norm_backward", "rms_norm_forward", "rope"]

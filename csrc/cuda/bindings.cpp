@@ -2,6 +2,7 @@
 // linked CUDA runtime so that the module needs no CUDA library from whichever torch is installed).
 #include "ptcore/bindings.h"
 #include "ptcore/speculative.h"
+#include "../cpu/backbone_bindings.h"
 
 namespace py = pybind11;
 
@@ -10,6 +11,9 @@ PYBIND11_MODULE(_cuda, m) {
   ptcore::bind_row_kernels(m, &ptcore::cross_entropy_rows_cuda, &ptcore::logprob_rows_stats_cuda,
                            &ptcore::logprob_rows_grad_cuda);
   ptcore::bind_speculative(m);
+  ptcore::bind_backbone(m, {&ptcore::rms_norm_forward_cuda, &ptcore::rms_norm_backward_cuda, &ptcore::rope_cuda,
+                            &ptcore::gated_act_forward_cuda, &ptcore::gated_act_backward_cuda});
+  m.def("rms_norm_partial_rows_cuda", &ptcore::rms_norm_partial_rows_cuda);
   m.def("device_count", [] {
     std::string why;
     const int n = ptcore::cuda_device_count(&why);

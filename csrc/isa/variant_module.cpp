@@ -3,6 +3,7 @@
 // -march for the whole module. ptcore/_ext.py loads it only on a CPU that runs that level, and
 // serves its functions in place of _C's baseline ones (same names, same arguments).
 #include "ptcore/bindings.h"
+#include "../cpu/backbone_bindings.h"
 #include "ptcore/paged_attention.h"
 #include "ptcore/speculative.h"
 
@@ -21,6 +22,7 @@ PYBIND11_MODULE(PTCORE_MODULE_NAME, m) {
   ptcore::bind_row_kernels(m, &ptcore::cross_entropy_rows, &ptcore::logprob_rows_stats,
                            &ptcore::logprob_rows_grad);
   ptcore::bind_paged_attention(m);
+  ptcore::bind_backbone(m, ptcore::cpu_backbone_fns());
   ptcore::bind_speculative(m);
   m.attr("isa") = PTCORE_ISA;
   m.attr("build_arch") = PTCORE_BUILD_ARCH;

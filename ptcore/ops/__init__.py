@@ -1,5 +1,6 @@
 """ptcore's ops: PyTorch-style functional ops, each dispatched to a backend (see dispatch.py)."""
 from ptcore.ops.advantages import gae, group_advantages
+from ptcore.ops.backbone import geglu, rms_norm, rope, swiglu
 from ptcore.ops.chunking import chunk_budget
 from ptcore.ops.cross_entropy import linear_cross_entropy
 from ptcore.ops.dispatch import BACKENDS, BackendUnavailable, use_backend
@@ -15,3 +16,4 @@ __all__ = ["BACKENDS", "BackendUnavailable", "chunk_budget", "dpo_loss", "gae", 
            "policy_loss", "use_backend"]
 __all__ += ["copy_pages", "paged_attention_decode", "paged_attention_extend", "write_kv"]
 __all__ += ["speculative_verify", "speculative_verify_tree"]
+__all__ += ["geglu", "rms_norm", "rope", "swiglu"]

@@ -154,6 +154,16 @@ def _paged(kernel: str) -> dict:
     }
 
 
+def _backbone(kernel: str, torch_ref: str) -> dict:
+    """A fused backbone op (ptcore/ops/backbone.py): one elementwise / per-row kernel per backend."""
+    return {
+        "triton": Impl("kernels/backbone.py", kernel),
+        "cuda": Impl("csrc/cuda/backbone.cu", kernel),
+        "cpu": Impl("csrc/cpu/backbone.cpp", kernel),
+        "torch": Impl(f"ptcore/ops/backbone_backends.py ({torch_ref})"),
+    }
+
+
 OPS: dict[str, dict[str, Impl]] = {
     "linear_cross_entropy": _row_op(*_CE_ROWS),
     "linear_logprobs": _row_op(*_LOGPROB_ROWS),
@@ -167,6 +177,10 @@ OPS: dict[str, dict[str, Impl]] = {
         "cpu": Impl("csrc/cpu/speculative_verify.cpp", "speculative_verify"),
         "torch": Impl("ptcore/ops/speculative.py (verify_torch)"),
     },
+    "rms_norm": _backbone("rms_norm_forward", "rms_forward_torch"),
+    "rope": _backbone("rope", "rope_torch"),
+    "swiglu": _backbone("gated_act_forward", "gated_forward_torch"),
+    "geglu": _backbone("gated_act_forward", "gated_forward_torch"),
     "speculative_verify_tree": {
         "cpu": Impl("csrc/cpu/speculative_verify.cpp", "speculative_verify_tree"),
         "torch": Impl("ptcore/ops/speculative.py (verify_tree_torch)"),
