@@ -272,7 +272,7 @@ def test_bad_input_names_the_argument():
         engine.forward([seq, seq], [[1], [2]])
     assert len(seq) == 3  # nothing was appended by the failed calls
     other = Engine(tiny_model(), page_size=4, max_cached_tokens=256)
-    with pytest.raises(ValueError, match="live Seq of this engine"):
+    with pytest.raises(ValueError, match="live EngineSeq of this engine"):
         other.forward([seq], [[1]])
     engine.finish(seq)
     with pytest.raises(ValueError, match="seq"):

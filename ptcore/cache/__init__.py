@@ -3,8 +3,8 @@
 (per-sequence block tables over both: start / fork / reserve / truncate / finish), so the engine
 never handles pages itself. The radix tree is ptcore._C's (every install builds it); its brute-force
 Python model, the tests' oracle, is tests/radix_oracle.py."""
-from ptcore.cache.paged import PagedCache, Seq
+from ptcore.cache.paged import CacheSeq, PagedCache
 from ptcore.cache.pool import CacheFull, KVPool
 from ptcore.cache.radix import MatchResult, RadixCache
 
-__all__ = ["CacheFull", "KVPool", "MatchResult", "PagedCache", "RadixCache", "Seq"]
+__all__ = ["CacheFull", "CacheSeq", "KVPool", "MatchResult", "PagedCache", "RadixCache"]

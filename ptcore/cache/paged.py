@@ -46,11 +46,12 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 @dataclass(eq=False)
-class Seq:
-    """One running sequence. ``tokens``: all its token ids (the caller appends new ones before
-    ``reserve``); ``length``: positions that have KV slots (what ``seq_lens`` reports);
-    ``cached_len``: tokens served from the cache when it started / was forked; ``pages``: its block
-    table; ``node`` / ``depth``: the radix node it locks and that node's prefix length."""
+class CacheSeq:
+    """One running sequence as the cache keeps it (the engine wraps it in an ``EngineSeq``).
+    ``tokens``: all its token ids (the caller appends new ones before ``reserve``); ``length``:
+    positions that have KV slots (what ``seq_lens`` reports); ``cached_len``: tokens served from
+    the cache when it started / was forked; ``pages``: its block table; ``node`` / ``depth``: the
+    radix node it locks and that node's prefix length."""
     tokens: list
     length: int
     cached_len: int
@@ -91,7 +92,7 @@ class PagedCache:
             raise ValueError("PagedCache: the radix cache must be empty (its slots would not belong to this pool)")
         self.pool, self.radix = pool, radix
         self.page_size = pool.page_size
-        self._running: dict[int, Seq] = {}
+        self._running: dict[int, CacheSeq] = {}
         self._ids = itertools.count()
         self.reset_stats()
 
@@ -130,25 +131,25 @@ class PagedCache:
         self._stats["copied_pages"] += len(src)
         return dst
 
-    def _running_seq(self, seq, op: str) -> Seq:
-        if not isinstance(seq, Seq) or seq.owner is not self:
+    def _running_seq(self, seq, op: str) -> CacheSeq:
+        if not isinstance(seq, CacheSeq) or seq.owner is not self:
             raise ValueError(f"{op}: not a running sequence of this cache (got {type(seq).__name__})")
         if seq.finished:
             raise ValueError(f"{op}: sequence {seq.id} is already finished")
         return seq
 
-    def _slots(self, seq: Seq, start: int, end: int) -> list[int]:
+    def _slots(self, seq: CacheSeq, start: int, end: int) -> list[int]:
         P = self.page_size
         return [seq.pages[d // P] * P + d % P for d in range(start, end)]
 
-    def _new_seq(self, tokens, length, cached, pages, node, depth) -> Seq:
-        seq = Seq(tokens, length, cached, pages, node, depth, next(self._ids), owner=self)
+    def _new_seq(self, tokens, length, cached, pages, node, depth) -> CacheSeq:
+        seq = CacheSeq(tokens, length, cached, pages, node, depth, next(self._ids), owner=self)
         self._running[seq.id] = seq
         self._stats["cached_tokens"] += cached
         return seq
 
     # -- sequences --------------------------------------------------------------------------------
-    def start(self, tokens) -> tuple[Seq, int]:
+    def start(self, tokens) -> tuple[CacheSeq, int]:
         """A sequence for ``tokens`` reusing their longest cached prefix: returns it and
         ``cached_len`` (< len(tokens): the last token is always computed, its logits are needed).
         The caller computes ``tokens[cached_len:]`` (reserve that many slots)."""
@@ -167,7 +168,7 @@ class PagedCache:
                 raise
         return self._new_seq(tokens, m.length, m.length, pages, m.node, m.length), m.length
 
-    def fork(self, seq: Seq, length: int | None = None) -> Seq:
+    def fork(self, seq: CacheSeq, length: int | None = None) -> CacheSeq:
         """A new sequence sharing ``seq``'s first ``length`` tokens (default all of its KV) without
         recomputing them: full pages shared through the radix tree, a partial last page copied."""
         seq = self._running_seq(seq, "fork")
@@ -196,7 +197,7 @@ class PagedCache:
             raise
         return self._new_seq(seq.tokens[:m], m, m, seq.pages[:d // P] + copies, node, d)
 
-    def _share(self, seq: Seq, full: int) -> None:
+    def _share(self, seq: CacheSeq, full: int) -> None:
         """Inserts ``seq.tokens[:full]`` (page-aligned) into the tree and re-points seq to borrow
         those pages: seq's own pages the tree did not take (it held the same tokens) are freed."""
         P = self.page_size
@@ -234,7 +235,7 @@ class PagedCache:
         self._stats["computed_tokens"] += sum(counts)
         return torch.tensor(slots, dtype=torch.int64, device=self.pool.device)
 
-    def truncate(self, seq: Seq, length: int) -> None:
+    def truncate(self, seq: CacheSeq, length: int) -> None:
         """Rolls ``seq`` back to its first ``length`` positions (and tokens), freeing its pages
         past them. Rolling back into the shared prefix re-locks the shorter prefix and copies the
         page that will be written next if the tree holds it."""
@@ -263,7 +264,7 @@ class PagedCache:
         del seq.tokens[length:]
         seq.cached_len = min(seq.cached_len, length)
 
-    def finish(self, seq: Seq, insert: bool = True) -> int:
+    def finish(self, seq: CacheSeq, insert: bool = True) -> int:
         """Ends ``seq``: with ``insert``, its tokens go into the radix tree (which keeps the pages
         it did not already have) so later sequences reuse them; its lock is released and every
         page the tree did not take is freed. Returns how many of its tokens were already cached."""
@@ -283,7 +284,7 @@ class PagedCache:
         del self._running[seq.id]
         return cached
 
-    def release(self, seq: Seq) -> None:
+    def release(self, seq: CacheSeq) -> None:
         """Ends ``seq`` without caching it: frees its pages, releases its lock."""
         self.finish(seq, insert=False)
 
@@ -302,7 +303,7 @@ class PagedCache:
         return torch.tensor([s.length for s in seqs], dtype=torch.int32, device=self.pool.device)
 
     @property
-    def running(self) -> list[Seq]:
+    def running(self) -> list[CacheSeq]:
         return list(self._running.values())
 
     @property

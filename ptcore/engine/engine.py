@@ -17,9 +17,9 @@ from ptcore.engine.forward import BatchedForward
 from ptcore.engine.generate import Generation
 from ptcore.engine.model import CompactModel, load_hf_model
 from ptcore.engine.results import Completion, EngineStats, Recording
-from ptcore.engine.sequences import Seq, SequenceOps
+from ptcore.engine.sequences import EngineSeq, SequenceOps
 
-__all__ = ["Completion", "Engine", "EngineStats", "Recording", "Seq", "default_page_size"]
+__all__ = ["Completion", "Engine", "EngineSeq", "EngineStats", "Recording", "default_page_size"]
 
 
 def default_page_size(device, dtype) -> int:

@@ -7,14 +7,14 @@ from __future__ import annotations
 import torch
 
 from ptcore import ops
-from ptcore.engine.sequences import Seq
+from ptcore.engine.sequences import EngineSeq
 
 
 class BatchedForward:
     """Engine methods that run the model. They use the engine's ``cache``, ``pool``, ``model``,
     ``device``, ``stats``, ``_check_alive`` and ``_check_tokens``."""
 
-    def forward(self, seqs: list[Seq], new_tokens: list[list[int]], all_logits: bool = False,
+    def forward(self, seqs: list[EngineSeq], new_tokens: list[list[int]], all_logits: bool = False,
                 tree_mask: torch.Tensor | None = None):
         """Appends ``new_tokens[i]`` to ``seqs[i]`` and encodes them (after any pending tokens) in
         one batched pass. Returns the logits after the last token of each sequence ``[B, V]``, or

@@ -7,7 +7,7 @@ import torch
 
 from ptcore.engine.results import Completion
 from ptcore.engine.sampling import SamplingParams, make_generator, sample, suppress_stops
-from ptcore.engine.sequences import Seq
+from ptcore.engine.sequences import EngineSeq
 
 
 class Generation:
@@ -36,7 +36,7 @@ class Generation:
             return "length"
         return None
 
-    def generate_from(self, seqs: list[Seq], params, generators, progress: bool = False) -> list[Completion]:
+    def generate_from(self, seqs: list[EngineSeq], params, generators, progress: bool = False) -> list[Completion]:
         """Samples on from the end of each sequence until it stops (batched decode). The sampled
         tokens are appended to the sequences (the last one pending: not encoded yet)."""
         B = len(seqs)

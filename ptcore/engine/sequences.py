@@ -1,4 +1,4 @@
-"""A sequence of the engine (:class:`Seq`) and its lifecycle: :class:`SequenceOps`, the part of
+"""A sequence of the engine (:class:`EngineSeq`) and its lifecycle: :class:`SequenceOps`, the part of
 :class:`ptcore.engine.Engine` that starts, forks, truncates, finishes and releases sequences, and
 records what they encoded.
 
@@ -13,11 +13,12 @@ import contextlib
 from ptcore.engine.results import Recording
 
 
-class Seq:
-    """A sequence of the engine, over a ``ptcore.cache`` sequence (``handle``). ``tokens``: all its
-    tokens; the first ``num_computed`` have their keys/values in the cache, the rest are pending
-    (e.g. the last sampled token) and get encoded by the next :meth:`Engine.forward`.
-    ``logits``: next-token logits after the computed tokens (None when unknown)."""
+class EngineSeq:
+    """A sequence of the engine, over the cache's record of it (``handle``, a
+    ``ptcore.cache.CacheSeq``). ``tokens``: all its tokens; the first ``num_computed`` have their
+    keys/values in the cache, the rest are pending (e.g. the last sampled token) and get encoded by
+    the next :meth:`Engine.forward`. ``logits``: next-token logits after the computed tokens (None
+    when unknown)."""
 
     __slots__ = ("handle", "logits", "alive")
 
@@ -38,7 +39,7 @@ class Seq:
         return len(self.handle.tokens)
 
     def __repr__(self):
-        return f"Seq(len={len(self)}, computed={self.num_computed}, alive={self.alive})"
+        return f"EngineSeq(len={len(self)}, computed={self.num_computed}, alive={self.alive})"
 
 
 class SequenceOps:
@@ -46,10 +47,10 @@ class SequenceOps:
     ``stats``, ``prefix_caching``, ``_recordings``, ``_check_tokens``, ``encode`` and ``forward``."""
 
     def _check_alive(self, name, seq):
-        if not isinstance(seq, Seq) or not seq.alive or getattr(seq.handle, "owner", self.cache) is not self.cache:
-            raise ValueError(f"Engine: '{name}' must be a live Seq of this engine, got {seq!r}")
+        if not isinstance(seq, EngineSeq) or not seq.alive or getattr(seq.handle, "owner", self.cache) is not self.cache:
+            raise ValueError(f"Engine: '{name}' must be a live EngineSeq of this engine, got {seq!r}")
 
-    def start(self, tokens, *, compute: bool = True) -> Seq:
+    def start(self, tokens, *, compute: bool = True) -> EngineSeq:
         """A new sequence over ``tokens`` (ids, or text with a tokenizer). Reuses the longest
         prefix in the radix cache (all but the last token at most: its logits are needed) and,
         with ``compute``, encodes the rest now; otherwise the next :meth:`forward` does."""
@@ -58,7 +59,7 @@ class SequenceOps:
         tokens = self._check_tokens("tokens", tokens)
         handle, cached = self.cache.start(tokens)  # matches len(tokens) - 1 at most
         self.stats.tokens_cached += cached
-        seq = Seq(handle)
+        seq = EngineSeq(handle)
         if compute:
             try:
                 self.forward([seq], [[]])
@@ -67,7 +68,7 @@ class SequenceOps:
                 raise
         return seq
 
-    def fork(self, seq: Seq, length: int | None = None) -> Seq:
+    def fork(self, seq: EngineSeq, length: int | None = None) -> EngineSeq:
         """A new sequence sharing ``seq``'s first ``length`` tokens (default: all). The shared KV
         is not recomputed; forking at the end of the computed tokens also shares the logits.
         Forking strictly inside the computed tokens recomputes the fork point's last token (its
@@ -80,7 +81,7 @@ class SequenceOps:
             # the baseline: encode the whole prefix again (nothing is ever inserted in the radix
             # cache, so this matches nothing)
             handle, _ = self.cache.start(seq.tokens[:n])
-            return Seq(handle)
+            return EngineSeq(handle)
         kv = min(n, seq.num_computed)
         logits = seq.logits if kv == seq.num_computed else None
         if logits is None and kv == n:
@@ -88,9 +89,9 @@ class SequenceOps:
         handle = self.cache.fork(seq.handle, kv)
         handle.tokens.extend(seq.tokens[kv:n])  # pending tokens
         self.stats.tokens_cached += kv
-        return Seq(handle, logits)
+        return EngineSeq(handle, logits)
 
-    def truncate(self, seq: Seq, length: int) -> None:
+    def truncate(self, seq: EngineSeq, length: int) -> None:
         """Roll ``seq`` back to its first ``length`` tokens (speculative decoding), freeing the
         KV past it. Its logits become unknown unless nothing was removed."""
         self._check_alive("seq", seq)
@@ -103,7 +104,7 @@ class SequenceOps:
             seq.logits = None
         del seq.tokens[length:]
 
-    def finish(self, seq: Seq, insert: bool = True) -> None:
+    def finish(self, seq: EngineSeq, insert: bool = True) -> None:
         """Done with ``seq``: its computed tokens go to the radix cache (``insert`` and prefix
         caching on) for later sequences to reuse; its pages are otherwise freed."""
         self._check_alive("seq", seq)
@@ -113,7 +114,7 @@ class SequenceOps:
         seq.logits = None
         self.cache.finish(seq.handle, insert=insert and self.prefix_caching)
 
-    def release(self, seq: Seq) -> None:
+    def release(self, seq: EngineSeq) -> None:
         """Done with ``seq`` without keeping its tokens in the radix cache."""
         self.finish(seq, insert=False)
 

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ptcore.engine import Engine, SamplingParams, Seq
+from ptcore.engine import Engine, EngineSeq, SamplingParams
 
 
 @dataclass
@@ -96,7 +96,7 @@ class Node:
     __slots__ = ("seq", "parent", "children", "step", "logprobs", "depth", "finished", "value",
                  "visits", "value_sum", "prior", "tokens")
 
-    def __init__(self, seq: Seq | None, parent: "Node | None", step: list[int], logprobs: list[float],
+    def __init__(self, seq: EngineSeq | None, parent: "Node | None", step: list[int], logprobs: list[float],
                  finished: bool):
         self.seq = seq
         self.parent = parent
@@ -150,7 +150,7 @@ class Search:
         self.stats = SearchStats()
         self._stack = contextlib.ExitStack()
         self._seed_counter = 0
-        self.live: list[Seq] = []
+        self.live: list[EngineSeq] = []
 
     def __enter__(self):
         self._rec = self._stack.enter_context(self.engine.record())
