@@ -1,7 +1,7 @@
 """ptcore's ops: PyTorch-style functional ops, each dispatched to a backend (see dispatch.py)."""
 from ptcore.ops.advantages import gae, group_advantages
 from ptcore.ops.backbone import geglu, rms_norm, rope, swiglu
-from ptcore.ops.chunking import chunk_budget
+from ptcore.ops.logits_budget import chunk_budget
 from ptcore.ops.cross_entropy import linear_cross_entropy
 from ptcore.ops.dispatch import BACKENDS, BackendUnavailable, use_backend
 from ptcore.ops.fused_losses import linear_dpo_loss, linear_policy_loss

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ptcore.ops import checks
-from ptcore.ops.chunked import acc_dtype, empty_head_grads, head_plan, run_chunks, scatter_rows, valid_rows
+from ptcore.ops.lm_head_chunks import acc_dtype, empty_head_grads, head_plan, run_chunks, scatter_rows, valid_rows
 from ptcore.ops.rows import CROSS_ENTROPY_ROWS
 
 OP = "linear_cross_entropy"

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ptcore.ops import checks
-from ptcore.ops.chunked import acc_dtype, empty_head_grads, head_plan, run_chunks
+from ptcore.ops.lm_head_chunks import acc_dtype, empty_head_grads, head_plan, run_chunks
 from ptcore.ops.policy import PolicyLossOutput, default_normalizer, policy_loss
 from ptcore.ops.preference import LENGTH_NORMALIZED, PreferenceLossOutput, dpo_loss
 from ptcore.ops.rows import LOGPROB_GRAD, LOGPROB_STATS

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ptcore.ops import checks
-from ptcore.ops.chunked import acc_dtype, empty_head_grads, head_plan, run_chunks, scatter_rows, valid_rows
+from ptcore.ops.lm_head_chunks import acc_dtype, empty_head_grads, head_plan, run_chunks, scatter_rows, valid_rows
 from ptcore.ops.rows import LOGPROB_GRAD, LOGPROB_STATS, check_temperature
 
 OP = "linear_logprobs"

@@ -1,4 +1,5 @@
-"""How many rows of logits a fused op materializes at once.
+"""How many rows of logits a fused op materializes at once (the chunk loop that uses it:
+:mod:`ptcore.ops.lm_head_chunks`).
 
 The budget is in bytes of one logits chunk, independent of the number of tokens N: that is what
 bounds the fused ops' extra memory. 96 MiB (768 rows at V=32768 fp32) is enough rows for the

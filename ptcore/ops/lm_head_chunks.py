@@ -1,4 +1,5 @@
-"""The chunk loop shared by the fused LM-head ops (docs/kernels.md §3).
+"""The chunk loop shared by the fused LM-head ops (docs/kernels.md §3); how many rows a chunk
+holds comes from :mod:`ptcore.ops.logits_budget`.
 
 For each chunk of rows: one GEMM for the chunk's logits into a reused buffer, the op's per-row
 pass over that buffer (which, when gradients are wanted, leaves dL/dlogits in it), then the two
@@ -11,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ptcore.ops import chunking, dispatch
+from ptcore.ops import dispatch, logits_budget
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -141,7 +142,7 @@ def _resolve(device: torch.device, dtype: torch.dtype, op: str) -> str:
 @torch.compiler.assume_constant_result
 def _chunk_rows(vocab: int, itemsize: int) -> int:
     """Rows per chunk (the loop caps it by N; keeping N out keeps it a trace-time constant)."""
-    return chunking.chunk_rows(1 << 62, vocab, itemsize)
+    return logits_budget.chunk_rows(1 << 62, vocab, itemsize)
 
 
 def head_plan(input: torch.Tensor, weight: torch.Tensor, op: str) -> tuple[str, int]:
