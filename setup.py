@@ -27,7 +27,11 @@ class NinjaBuildExt(build_ext):
 
     def run(self):
         builder = _load_builder()
-        built = builder.build(Path(self.build_temp) / "ptcore-ninja", cuda=None, verbose=True)
+        # A build folder that outlives the build (not setuptools' temporary one), so that a
+        # reinstall, an editable install after a wheel, or the suite's wheel test only recompiles
+        # what changed; PTCORE_BUILD_DIR moves it.
+        build_dir = Path(os.environ.get("PTCORE_BUILD_DIR") or ROOT / "build" / "ptcore-ninja")
+        built = builder.build(build_dir, cuda=None, verbose=True)
         for ext in self.extensions:
             name = ext.name.split(".")[-1]
             if name not in built:
@@ -50,9 +54,11 @@ def _extensions():
 
 
 setup(
-    # every subpackage of ptcore/ (a new one is installed without listing it), and kernels/ as ptcore.kernels
-    packages=["ptcore", *(f"ptcore.{p}" for p in find_packages("ptcore")), "ptcore.kernels"],
-    package_dir={"ptcore": "ptcore", "ptcore.kernels": "kernels"},
+    # every subpackage of ptcore/ (a new one is installed without listing it), kernels/ as
+    # ptcore.kernels and the benchmark suite bench/ as ptcore.bench (`ptcore bench` from a wheel)
+    packages=["ptcore", *(f"ptcore.{p}" for p in find_packages("ptcore")), "ptcore.kernels", "ptcore.bench"],
+    package_dir={"ptcore": "ptcore", "ptcore.kernels": "kernels", "ptcore.bench": "bench"},
+    package_data={"ptcore.bench": ["noise.json", "README.md"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": NinjaBuildExt},
 )

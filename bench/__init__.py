@@ -1,5 +1,6 @@
-"""ptcore's benchmark suite: ``python -m bench`` (from the repo root); see bench/README.md.
+"""ptcore's benchmark suite: ``ptcore bench`` (or ``python -m bench`` in a checkout); see
+bench/README.md. Installed with the package as ``ptcore.bench``.
 
-Each benchmark is a module registered in :mod:`bench.registry`; every case of it runs in a fresh
-subprocess (:mod:`bench.worker`) so that its peak memory is its own.
+Each benchmark is declared in its module and listed in :mod:`.registry`; every case runs in a fresh
+forked process (:mod:`.worker`) so that its peak memory is its own.
 """

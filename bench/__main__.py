@@ -1,6 +1,6 @@
-"""``python -m bench``: the suite runner (bench/run.py)."""
+"""``python -m bench``: the suite runner (bench/run.py), as ``ptcore bench``."""
 import sys
 
-from bench.run import main
+from .run import main
 
 sys.exit(main(sys.argv[1:]))

@@ -10,7 +10,9 @@ Each measurement runs in a fresh subprocess, the builds alternating (default, na
 default, ...; the kernel-only processes rotate over every build), so that a busy neighbour on a
 shared machine slows all alike; the table gives the median and the minimum (the least disturbed). The native module is
 loaded in its process as ptcore._C from the native build folder. Target: default within 5% of native.
-Writes ``bench/results/<device-slug>/cpu_dispatch.json`` (the table, every time, the variants).
+Writes ``cpu_dispatch.json`` (the table, every time, the variants, the scoreboard row) into the
+results folder. ``--quick`` (the suite's quick profile): one round at the quick LM-head size, and only
+when the native build already exists (making it compiles csrc/, which the quick profile does not wait for).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench import harness
+from . import harness, scoreboard
+from .registry import Standalone
 
 NAME = "cpu_dispatch"
 TARGET = 0.05  # default within 5% of native
@@ -62,7 +65,7 @@ def _worker(build: str, native_so: str, sizes: dict, repeats: int, full: bool) -
         _load_native(native_so)
     import torch
 
-    from bench import linear_ce
+    from . import linear_ce
     from ptcore import _ext
     from ptcore.ops.rows import CROSS_ENTROPY_ROWS
 
@@ -103,10 +106,10 @@ def _run_worker(build: str, native_so: Path, sizes: dict, repeats: int, full: bo
     env = {k: v for k, v in os.environ.items() if k not in ("PTCORE_CPU_ISA", "PTCORE_BACKEND")}
     if build in ("v2", "v3", "v4"):
         env["PTCORE_CPU_ISA"] = build
-    cmd = [sys.executable, "-m", "bench.cpu_dispatch", "--worker", build, "--native-so", str(native_so),
+    cmd = [sys.executable, "-m", f"{__package__}.cpu_dispatch", "--worker", build, "--native-so", str(native_so),
            "--sizes", ",".join(str(sizes[k]) for k in ("N", "H", "V")), "--repeats", str(repeats)] + \
           ([] if full else ["--kernel-only"])
-    p = subprocess.run(cmd, cwd=harness.REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=harness.subprocess_cwd(), env=env, capture_output=True, text=True, timeout=timeout)
     for line in reversed(p.stdout.splitlines()):
         if line.startswith(harness.MARK):
             return json.loads(line[len(harness.MARK):])
@@ -192,24 +195,40 @@ def main(argv: list[str]) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--native-so", help=argparse.SUPPRESS)
     p.add_argument("--kernel-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--quick", action="store_true", help="one round at the quick size, if the native build exists")
     args = p.parse_args(argv)
-    from bench.lm_head import DEFAULT_SIZES
-    sizes = dict(DEFAULT_SIZES["cpu"])
+    from .lm_head import DEFAULT_SIZES, QUICK_SIZES
+    sizes = dict((QUICK_SIZES if args.quick else DEFAULT_SIZES)["cpu"])
     if args.sizes:
         sizes = dict(zip(("N", "H", "V"), (int(v) for v in args.sizes.split(","))))
     if args.worker:
         res = _worker(args.worker, args.native_so, sizes, args.repeats, not args.kernel_only)
         print(harness.MARK + json.dumps(res), flush=True)
         return 0
-    res = run(sizes, args.rounds, args.repeats, args.native_dir or default_native_dir(), args.kernel_rounds)
-    print(table(res))
-    out = args.out or harness.REPO / "bench" / "results" / harness.device_slug("cpu")
+    out = args.out or harness.results_dir("cpu")
     out.mkdir(parents=True, exist_ok=True)
-    default = not args.sizes or sizes == DEFAULT_SIZES["cpu"]
+    native_dir = args.native_dir or default_native_dir()
+    if args.quick:
+        if not list(native_dir.glob("_C*.so")):
+            why = f"skipped in the quick profile: no native build in {native_dir} (--only cpu_dispatch makes it)"
+            print(f"{NAME}: {why}")
+            (out / f"{NAME}.json").write_text(json.dumps({"scoreboard": [scoreboard.failed_row(NAME, why)]}) + "\n")
+            return 0
+        args.rounds, args.kernel_rounds = 1, 2
+    res = run(sizes, args.rounds, args.repeats, native_dir, args.kernel_rounds)
+    d, n = (next(r for r in res["rows"] if r["build"] == b) for b in ("default", "native"))
+    res["scoreboard"] = [scoreboard.row(NAME, "default build vs native, fwd+bwd", 1 / d["step_median_s"],
+                                        "PTCORE_CPU_ARCH=native", 1 / n["step_median_s"], unit=" steps/s",
+                                        target=(">=", 1 / (1 + TARGET)))]
+    print(table(res))
+    default = not args.sizes or args.quick or sizes == DEFAULT_SIZES["cpu"]
     stem = NAME if default else f"{NAME}-N{sizes['N']}-H{sizes['H']}-V{sizes['V']}"
     (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {out / stem}.json")
     return 0
+
+
+BENCHMARK = Standalone(NAME, "the portable build vs -march=native", main, needs_checkout=True)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,12 @@ import torch
 import torch.nn.functional as F
 
 import ptcore
-from bench import lm_head
-from bench.lm_head import (  # noqa: F401  (the registry interface, shared by the LM-head benchmarks)
-    BASELINE, DEFAULT_DTYPE, DEFAULT_SIZES, LARGE_SIZES, SHARED, SIZE_KEYS, flops, reference,
-    FEW_REPEATS as REPEATS)
-from bench.lm_head import bare_gemms, fwd_bwd, head_inputs
+from . import lm_head
+from .lm_head import BASELINE
+from .registry import Benchmark, Headline
+from .lm_head import bare_gemms, fwd_bwd, head_inputs
 
 NAME = "linear_dpo_loss"
-TITLE = f"sigmoid DPO loss (beta 0.1), fwd+bwd, pairs of {lm_head.SEQ_LEN}-token sequences"
 BETA = 0.1
 NOTES = {"Liger": "use_ref_model=False (no precomputed-reference input), same loss here"}
 
@@ -69,3 +67,11 @@ def build(case: str, s: dict, dtype: torch.dtype, device: str):
         value = loss()
         return value, value
     return fwd_bwd(objective, [x, w], case)
+
+
+BENCHMARK = Benchmark(
+    name=NAME, title=f"sigmoid DPO loss (beta 0.1), fwd+bwd, pairs of {lm_head.SEQ_LEN}-token sequences", cases=cases, estimate_bytes=estimate_bytes, build=build,
+    notes=NOTES,
+    headlines=(*lm_head.headlines("Liger", "eager", of_gemm=0.95, memory=1 / 6),
+               Headline("memory vs Liger", "extra_peak_mb", "Liger", ("<=", 1.0))),
+    **lm_head.common(repeats=lm_head.FEW_REPEATS))

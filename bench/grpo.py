@@ -10,14 +10,12 @@ import torch
 import torch.nn.functional as F
 
 import ptcore
-from bench import lm_head
-from bench.lm_head import (  # noqa: F401  (the registry interface, shared by the LM-head benchmarks)
-    BASELINE, DEFAULT_DTYPE, DEFAULT_SIZES, LARGE_SIZES, SHARED, SIZE_KEYS, flops, reference,
-    FEW_REPEATS as REPEATS)
-from bench.lm_head import bare_gemms, fwd_bwd, head_inputs
+from . import lm_head
+from .lm_head import BASELINE
+from .registry import Benchmark, Headline
+from .lm_head import bare_gemms, fwd_bwd, head_inputs
 
 NAME = "linear_policy_loss"
-TITLE = f"GRPO loss (k3 KL, beta 0.04), fwd+bwd, sequences of {lm_head.SEQ_LEN} tokens"
 LOSS = dict(loss_type="grpo", beta=0.04, kl_estimator="k3", epsilon_low=0.2, epsilon_high=0.2)
 NOTES = {"Liger": "8NHV: recomputes the logits in its backward"}
 
@@ -64,3 +62,11 @@ def build(case: str, s: dict, dtype: torch.dtype, device: str):
         value = loss()
         return value, value
     return fwd_bwd(objective, [x, w], case)
+
+
+BENCHMARK = Benchmark(
+    name=NAME, title=f"GRPO loss (k3 KL, beta 0.04), fwd+bwd, sequences of {lm_head.SEQ_LEN} tokens", cases=cases, estimate_bytes=estimate_bytes, build=build,
+    notes=NOTES,
+    headlines=(*lm_head.headlines("Liger", "eager", of_gemm=0.95, memory=1 / 6),
+               Headline("memory vs Liger", "extra_peak_mb", "Liger", ("<=", 1.0))),
+    **lm_head.common(repeats=lm_head.FEW_REPEATS))

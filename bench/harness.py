@@ -1,24 +1,45 @@
 """What every benchmark shares: the device's description, the one timing helper (:func:`measure`),
-the one memory helper (:class:`PeakMemory`), and launching one case in a fresh subprocess."""
+the one memory helper (:class:`PeakMemory`), launching one case in a fresh process, and where
+results go."""
 from __future__ import annotations
 
 import gc
-import json
+import multiprocessing
 import os
 import platform
 import re
 import resource
 import signal
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-MARK = "BENCH_RESULT "  # prefixes the worker's result line, whatever else a library prints
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent  # the checkout's root, when the suite runs from one (see in_checkout)
+MARK = "BENCH_RESULT "  # prefixes a worker's result line, whatever else a library prints
+
+
+def in_checkout() -> bool:
+    """True when the suite runs from a source checkout (``python -m bench``, or an editable
+    install), False from an installed wheel (``ptcore.bench`` in site-packages)."""
+    return (REPO / "csrc").is_dir() and (REPO / "bench" / "registry.py").resolve() == HERE / "registry.py"
+
+
+def results_dir(device: str) -> Path:
+    """The default results folder: ``bench/results/<device-slug>`` in a checkout, else
+    ``./ptcore-bench-results/<device-slug>`` in the working directory."""
+    root = REPO / "bench" / "results" if in_checkout() else Path.cwd() / "ptcore-bench-results"
+    return root / device_slug(device)
+
+
+def subprocess_cwd():
+    """Where a benchmark's own subprocesses start: the checkout's root (so ``-m bench...``
+    resolves), or, installed, the working directory (``-m ptcore.bench...`` resolves anyway)."""
+    return REPO if in_checkout() else None
 
 
 def device_type() -> str:
@@ -101,12 +122,42 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit - self.base
 
 
+TIMING = {"cpu": "time.perf_counter() around each step",
+          "cuda": "CUDA events around each step, the L2 cache flushed before it"}
+L2_FLUSH_BYTES = 256 << 20  # more than any GPU's L2 (an H200 has 60 MB)
+
+
+def _timer(device: str):
+    """``timed(step) -> (seconds, step's value)``. On CUDA: CUDA events on the current stream, with
+    the L2 cache flushed (a buffer larger than it overwritten) before each step, so a step never
+    finds the previous one's data in cache, as a training step would not."""
+    if device != "cuda":
+        def timed(step):
+            t0 = time.perf_counter()
+            out = step()
+            return time.perf_counter() - t0, out
+        return timed
+    scratch = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+
+    def timed(step):
+        scratch.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3, out
+    return timed
+
+
 def measure(step, reset, repeats: int, device: str) -> dict:
-    """One warm-up ``step()``, then ``repeats`` timed ones; ``reset()`` runs between, untimed.
-    Returns the times (s), the extra peak memory (bytes) and the last step's return value.
+    """One warm-up ``step()``, then ``repeats`` timed ones (:data:`TIMING`); ``reset()`` runs
+    between, untimed. Returns the times (s), the extra peak memory (bytes) and the last step's
+    return value.
 
     A step that keeps buffers across steps (allocated once, first touched in the warm-up, so
     inside the baseline) declares their size as ``step.held_bytes``; they count as extra memory."""
+    timed = _timer(device)  # its L2 scratch exists before the memory baseline: not counted
     out = step()
     sync(device)
     reset()
@@ -115,10 +166,9 @@ def measure(step, reset, repeats: int, device: str) -> dict:
     mem.reset_peak()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = step()
+        seconds, out = timed(step)
         sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(seconds)
         reset()
     value = None if out is None else float(out)
     held = getattr(step, "held_bytes", 0)
@@ -126,22 +176,50 @@ def measure(step, reset, repeats: int, device: str) -> dict:
             "peak_scope": mem.scope, "value": value}
 
 
+_SERVER = {}
+
+
+def _context():
+    """The forkserver every case is forked from: it imports the worker (torch, ptcore, the
+    registry) and transformers' Llama once, and never runs an op, so a forked case starts with
+    fresh thread pools and an uninitialized CUDA."""
+    if not _SERVER:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([f"{__package__}.worker", "transformers.models.llama.modeling_llama"])
+        _SERVER["ctx"] = ctx
+    return _SERVER["ctx"]
+
+
 def run_case(bench: str, case: str, sizes: dict, dtype: str, repeats: int, device: str,
              timeout: float) -> dict:
-    """Runs one case in a fresh ``python -m bench.worker``; a worker that dies or times out gives
-    ``{"status": "failed: <why>"}`` rather than an exception, so the suite goes on."""
-    cmd = [sys.executable, "-m", "bench.worker", bench, case, json.dumps(sizes), dtype, str(repeats), device]
+    """Runs one case in a fresh forked process (bench/worker.py); a case that dies or times out
+    gives ``{"status": "failed: <why>"}`` rather than an exception, so the suite goes on."""
+    from . import worker
+    ctx = _context()
+    recv, send = ctx.Pipe(duplex=False)
+    with tempfile.NamedTemporaryFile(prefix="ptcore-bench-", suffix=".log", delete=False) as f:
+        log = f.name
+    proc = ctx.Process(target=worker.run, args=(bench, case, sizes, dtype, repeats, device, send, log))
+    proc.start()
+    send.close()
+    result = None
     try:
-        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": f"failed: timed out after {timeout:.0f} s"}
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
-    if p.returncode < 0:
-        sig = signal.Signals(-p.returncode).name
-        why = f"killed by {sig}" + (" (out of memory?)" if sig == "SIGKILL" else "")
-    else:
-        lines = [ln.strip() for ln in p.stderr.splitlines() if ln.strip()]
-        why = lines[-1] if lines else f"exit code {p.returncode}"
-    return {"status": f"failed: {why}"}
+        if recv.poll(timeout):
+            result = recv.recv()
+    except EOFError:  # the case died before it answered
+        pass
+    if result is None and proc.is_alive():
+        proc.kill()
+        proc.join()
+        result = {"status": f"failed: timed out after {timeout:.0f} s"}
+    proc.join()
+    if result is None:
+        lines = [ln.strip() for ln in Path(log).read_text(errors="replace").splitlines() if ln.strip()]
+        if proc.exitcode is not None and proc.exitcode < 0:
+            sig = signal.Signals(-proc.exitcode).name
+            why = f"killed by {sig}" + (" (out of memory?)" if sig == "SIGKILL" else "")
+        else:
+            why = lines[-1] if lines else f"exit code {proc.exitcode}"
+        result = {"status": f"failed: {why}"}
+    os.unlink(log)
+    return result

@@ -8,13 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import ptcore
-from bench.lm_head import (  # noqa: F401  (the registry interface, shared by the LM-head benchmarks)
-    BASELINE, DEFAULT_DTYPE, DEFAULT_SIZES, LARGE_SIZES, SHARED, SIZE_KEYS, flops, reference)
-from bench.lm_head import bare_gemms, fwd_bwd, head_cases, head_inputs, missing, peer_backend
-from bench import lm_head
+from . import lm_head
+from .lm_head import BASELINE, bare_gemms, fwd_bwd, head_cases, head_inputs, missing, peer_backend
+from .registry import Benchmark, Headline
 
 NAME = "linear_cross_entropy"
-TITLE = "linear cross-entropy, fwd+bwd"
 
 
 def _cce_impl(device: str) -> str:
@@ -67,3 +65,10 @@ def build(case: str, s: dict, dtype: torch.dtype, device: str):
         value = fn(x, w, t)
         return value, value
     return fwd_bwd(loss, [x, w], case)
+
+
+BENCHMARK = Benchmark(
+    name=NAME, title="linear cross-entropy, fwd+bwd", cases=cases, estimate_bytes=estimate_bytes, build=build,
+    headlines=(*lm_head.headlines("torch chunked", "eager", of_gemm=0.95, memory=1 / 6),
+               Headline("memory vs torch chunked", "extra_peak_mb", "torch chunked", ("<=", 1.0))),
+    **lm_head.common())

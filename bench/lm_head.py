@@ -1,7 +1,7 @@
 """What the LM-head benchmarks share (linear_ce, logprobs, grpo, dpo): the sizes, the FLOP count and
 its limit (the bare GEMMs, one case for the whole suite), ptcore's backend cases, the inputs, the
-memory estimate, and the timed fwd+bwd step. Each benchmark module re-exports the constants the
-registry interface asks for and adds its own cases (bench/registry.py)."""
+memory estimate, and the timed fwd+bwd step. Each benchmark module declares its Benchmark from
+:func:`common` plus its own cases (bench/registry.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,8 +12,14 @@ import torch
 import ptcore
 from ptcore.ops import dispatch
 
+from .registry import Headline
+
 SIZE_KEYS = ("N", "H", "V")
 DEFAULT_SIZES = {"cpu": {"N": 4096, "H": 1024, "V": 32768}, "cuda": {"N": 8192, "H": 2048, "V": 131072}}
+# The quick profile: an eighth of the work, with N/H kept (what the memory ratios depend on: the
+# logits N x V against the weight gradient V x H) and H halved, so the GEMMs still dominate the row
+# passes (what "of GEMM" and the speedups measure) and the chunked ops still chunk.
+QUICK_SIZES = {"cpu": {"N": 2048, "H": 512, "V": 8192}, "cuda": {"N": 4096, "H": 1024, "V": 65536}}
 LARGE_SIZES = {"N": 16384, "H": 1024, "V": 131072}
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 BASELINE = "bare GEMMs"
@@ -28,6 +34,22 @@ FUSED_SCRATCH = 1 << 30  # generous bound on a chunked implementation's logits b
 # The op whose capability-table entry (ptcore.ops.dispatch.OPS) picks the backend cases; every
 # LM-head op has the same backends, devices and dtypes.
 OP = "linear_cross_entropy"
+
+
+def common(repeats: dict | None = None) -> dict:
+    """The Benchmark fields the four LM-head benchmarks share (bench/registry.py)."""
+    out = dict(size_keys=SIZE_KEYS, default_sizes=DEFAULT_SIZES, quick_sizes=QUICK_SIZES,
+               large_sizes=LARGE_SIZES, default_dtype=DEFAULT_DTYPE, baseline=BASELINE, shared=SHARED,
+               flops=flops, reference=reference)
+    return out if repeats is None else {**out, "repeats": repeats}
+
+
+def headlines(peer: str, memory_peer: str, of_gemm: float, memory: float) -> tuple[Headline, ...]:
+    """An LM head's scoreboard: ptcore's fraction of the bare-GEMM rate against its target, its
+    speed against ``peer`` and its extra memory against ``memory_peer``'s."""
+    return (Headline("of GEMM", "frac_of_gemm", None, (">=", of_gemm)),
+            Headline(f"speed vs {peer}", "rate", peer, (">=", 1.0)),
+            Headline(f"memory vs {memory_peer}", "extra_peak_mb", memory_peer, ("<=", memory)))
 
 
 def flops(s: dict) -> float:

@@ -2,7 +2,8 @@
 one optimizer step of SFT, DPO and GRPO, ptcore (fp32) vs TRL's trainers (bf16 autocast and
 gradient checkpointing off: TRL's fair CPU configuration), on the same chat examples per step.
 
-    python -m bench.loop_sft_real   # or loop_dpo_real, loop_grpo_real; --repeats R --threads T
+    python -m bench --only loop_sft_real   # or loop_dpo_real, loop_grpo_real
+    python -m bench.loop_real sft --repeats R --threads T [--quick] [--out DIR]
 
 Every case runs in a fresh process (its peak RSS is its own): the bare GEMMs of the model's linear
 layers for the step's tokens (forward + both backward GEMMs into preallocated outputs: the rate
@@ -35,14 +36,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
+from pathlib import Path
 
 import torch
+
+from . import harness, scoreboard
+from .registry import Standalone
 
 NAME = "smollm2-135m-instruct"
 KINDS = ("sft", "dpo", "grpo")
 TRAINERS = {"sft": "SFTTrainer", "dpo": "DPOTrainer", "grpo": "GRPOTrainer"}
 CASES = ("model GEMMs", "ptcore", "TRL")
 SIZES = {"sft": dict(B=8), "dpo": dict(B=8), "grpo": dict(B=2, G=8, C=24)}
+# the quick profile: a quarter of the examples (GRPO: one prompt x 4 completions of 12 tokens), one
+# timed step; the ratios are per token, and each side does the same work per step
+QUICK_SIZES = {"sft": dict(B=2), "dpo": dict(B=2), "grpo": dict(B=1, G=4, C=12)}
+# scoreboard targets: speed (real tokens/s) over TRL's, peak memory over TRL's, "of GEMM"
+TARGETS = {"sft": dict(speed=1.6, memory=0.6, of_gemm=0.8), "dpo": dict(speed=1.6), "grpo": dict(speed=3.0)}
 LR = 1e-5
 MAX_LENGTH = 256
 
@@ -185,13 +196,12 @@ def trl_step(kind, s):
                           generation_kwargs={"min_new_tokens": s["C"]}, log_completions=False, **common)
         trainer = GRPOTrainer(model=model, reward_funcs=[last_number_reward], args=args,
                               train_dataset=Dataset.from_list(grpo_records(tok, s["B"])), processing_class=tok)
-    from bench.trl_loops import trainer_step
+    from .trl_loops import trainer_step
     return trainer_step(trainer, args)
 
 
-def worker(kind: str, case: str, repeats: int) -> dict:
+def worker(kind: str, case: str, repeats: int, s: dict) -> dict:
     torch.manual_seed(0)
-    s = SIZES[kind]
     build = {"model GEMMs": gemm_step, "ptcore": ptcore_step, "TRL": trl_step}[case]
     step = build(kind, s)
     step()  # warm-up
@@ -207,13 +217,13 @@ def worker(kind: str, case: str, repeats: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def run(kind: str, repeats: int, threads: int | None, timeout: float = 3600) -> dict:
+def run(kind: str, repeats: int, threads: int | None, s: dict, timeout: float = 3600) -> dict:
     from ptcore import models
     rows = []
     if not models.is_cached(NAME):
         why = f"skipped: {NAME} is not cached; run `ptcore models fetch {NAME}`"
         print(f"loop_{kind}_real: {why}", file=sys.stderr)
-        return {"benchmark": f"loop_{kind}_real", "model": NAME, "sizes": SIZES[kind], "repeats": repeats,
+        return {"benchmark": f"loop_{kind}_real", "model": NAME, "sizes": s, "repeats": repeats,
                 "trainer": TRAINERS[kind], "rows": [{"case": c, "status": why} for c in CASES]}
     for case in CASES:
         if case == "TRL":
@@ -222,12 +232,12 @@ def run(kind: str, repeats: int, threads: int | None, timeout: float = 3600) -> 
             except ImportError:
                 rows.append({"case": case, "status": "skipped: trl not installed"})
                 continue
-        cmd = [sys.executable, "-m", "bench.loop_real", "--worker", kind, case, str(repeats)]
+        cmd = [sys.executable, "-m", f"{__package__}.loop_real", "--worker", kind, case, str(repeats), json.dumps(s)]
         if threads:
             cmd += ["--threads", str(threads)]
         print(f"loop_{kind}_real: {case} ...", file=sys.stderr, flush=True)
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=harness.subprocess_cwd())
             line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("RESULT ")), None)
             if line is None:
                 tail = [ln for ln in p.stderr.splitlines() if ln.strip()][-1:] or [f"exit {p.returncode}"]
@@ -245,8 +255,27 @@ def run(kind: str, repeats: int, threads: int | None, timeout: float = 3600) -> 
     if "ptcore" in ok and "TRL" in ok:
         ok["TRL"]["time_ratio"] = ok["TRL"]["s_per_step"] / ok["ptcore"]["s_per_step"]
         ok["TRL"]["rss_ratio"] = ok["TRL"]["peak_rss_bytes"] / ok["ptcore"]["peak_rss_bytes"]
-    return {"benchmark": f"loop_{kind}_real", "model": NAME, "sizes": SIZES[kind], "repeats": repeats,
-            "trainer": TRAINERS[kind], "rows": rows}
+    return {"benchmark": f"loop_{kind}_real", "model": NAME, "sizes": s, "repeats": repeats,
+            "trainer": TRAINERS[kind], "rows": rows, "scoreboard": headlines(kind, ok)}
+
+
+def headlines(kind: str, ok: dict) -> list[dict]:
+    """Scoreboard rows: real tokens/s and peak RSS beside TRL's, and ptcore's "of GEMM"."""
+    name, trainer, target = f"loop_{kind}_real", f"TRL {TRAINERS[kind]}", TARGETS[kind]
+    mine, peer = ok.get("ptcore"), ok.get("TRL")
+    if mine is None:
+        return [scoreboard.failed_row(name, "ptcore: did not run")]
+    get = lambda r, k: None if r is None else r[k]  # noqa: E731
+    status = "ok" if peer is not None else "TRL: did not run"
+    out = [scoreboard.row(name, f"speed vs {trainer}", mine["tokens_per_s"], trainer, get(peer, "tokens_per_s"),
+                          unit=" tok/s", target=(">=", target["speed"]), status=status),
+           scoreboard.row(name, f"memory vs {trainer}", mine["peak_rss_bytes"] / 1e6, trainer,
+                          None if peer is None else peer["peak_rss_bytes"] / 1e6, unit=" MB",
+                          target=("<=", target["memory"]) if "memory" in target else None, status=status,
+                          higher_is_better=False)]
+    if mine.get("of_gemm") is not None:
+        out.append(scoreboard.row(name, "of GEMM", mine["of_gemm"], target=(">=", target.get("of_gemm", 0.8))))
+    return out
 
 
 def table(res: dict) -> str:
@@ -266,14 +295,15 @@ def table(res: dict) -> str:
 
 
 def main_for(kind: str, argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m bench.loop_{kind}_real", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m bench --only loop_{kind}_real", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, help="torch threads in each case (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="the quick profile: QUICK_SIZES, one timed step")
+    p.add_argument("--out", type=Path, help="results folder")
     a = p.parse_args(argv)
-    from bench import harness
-    res = run(kind, a.repeats, a.threads)
+    res = run(kind, 1 if a.quick else a.repeats, a.threads, (QUICK_SIZES if a.quick else SIZES)[kind])
     print(table(res))
-    out = harness.REPO / "bench" / "results" / harness.device_slug("cpu")
+    out = a.out or harness.results_dir("cpu")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"loop_{kind}_real.json").write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {out / f'loop_{kind}_real.json'}")
@@ -281,12 +311,16 @@ def main_for(kind: str, argv: list[str]) -> int:
     return 1 if bad else 0
 
 
+SFT, DPO, GRPO = (Standalone(f"loop_{k}_real", f"{k.upper()} optimizer step on {NAME} vs TRL", partial(main_for, k))
+                  for k in KINDS)
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        kind, case, repeats = sys.argv[2], sys.argv[3], int(sys.argv[4])
+        kind, case, repeats, sizes = sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5])
         if "--threads" in sys.argv:
             torch.set_num_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
-        print("RESULT " + json.dumps(worker(kind, case, repeats)), flush=True)
+        print("RESULT " + json.dumps(worker(kind, case, repeats, sizes)), flush=True)
     else:
         p = argparse.ArgumentParser(prog="python -m bench.loop_real")
         p.add_argument("kind", choices=KINDS)

@@ -24,12 +24,11 @@ import torch
 import ptcore
 from ptcore.ops import dispatch, paged_attention_decode, paged_attention_extend
 
-NAME = "paged_attention_decode"
-TITLE = "Paged attention decode (8 layers, Hq=8, Hkv=2, D=64)"
+from .registry import Benchmark, Headline
+
 SIZE_KEYS = ("B", "L", "Q", "S")
 DEFAULT_SIZES = {"cpu": {"B": 64, "L": 512, "Q": 1, "S": 16}, "cuda": {"B": 128, "L": 4096, "Q": 1, "S": 256}}
-LARGE_SIZES = {"B": 64, "L": 1024, "Q": 1, "S": 16}
-DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
+EXTEND_SIZES = {"cpu": {"B": 4, "L": 512, "Q": 256, "S": 16}, "cuda": {"B": 16, "L": 4096, "Q": 2048, "S": 256}}
 BASELINE = "torch SDPA (contiguous)"
 REPEATS = {"cpu": 5, "cuda": 20}
 NOTES = {"ptcore[torch]": "reference: gathers the pages into padded K/V, then attends",
@@ -158,10 +157,30 @@ def main(argv: list[str]) -> int:
     if argv:
         compare(dict(zip(SIZE_KEYS, map(int, argv))))
         return 0
-    from bench import paged_attention_extend
     compare(DEFAULT_SIZES["cpu"])
-    compare(paged_attention_extend.DEFAULT_SIZES["cpu"])
+    compare(EXTEND_SIZES["cpu"])
     return 0
+
+
+def benchmark(kind: str) -> Benchmark:
+    """Decode (one new token per sequence) or extend (prefill: Q new tokens attending to their L - Q
+    cached positions and causally to each other), same inputs, rows and columns."""
+    full = DEFAULT_SIZES if kind == "decode" else EXTEND_SIZES
+    # the quick profile: a quarter of the sequences (extend: half), the same lengths and pages
+    quick = {d: {**v, "B": max(1, v["B"] // (4 if kind == "decode" else 2))} for d, v in full.items()}
+    return Benchmark(
+        name=f"paged_attention_{kind}", title=f"Paged attention {kind} ({LAYERS} layers, Hq={HQ}, Hkv={HKV}, D={D})",
+        size_keys=SIZE_KEYS, default_sizes=full, quick_sizes=quick,
+        large_sizes={"B": 64, "L": 1024, "Q": 1, "S": 16} if kind == "decode" else {"B": 1, "L": 1024, "Q": 1024, "S": 16},
+        default_dtype={"cpu": "float32", "cuda": "bfloat16"}, baseline=BASELINE, flops=flops, cases=cases,
+        reference=reference, estimate_bytes=estimate_bytes, build=build, notes=NOTES, repeats=REPEATS,
+        quick_repeats=REPEATS,
+        # paged K/V at least as fast as contiguous K/V
+        headlines=(Headline(f"speed vs {BASELINE}", "rate", BASELINE, (">=", 1.0)),
+                   Headline("speed vs ptcore[torch] (gather)", "rate", "ptcore[torch]", (">=", 1.0))))
+
+
+DECODE, EXTEND = benchmark("decode"), benchmark("extend")
 
 
 if __name__ == "__main__":

@@ -25,15 +25,11 @@ import time
 import torch
 
 from ptcore.cache import RadixCache
-from tests.radix_oracle import RadixModel
 
-NAME = "radix_cache"
-TITLE = "RadixCache match_prefix + insert"
+from .registry import Benchmark, Headline
+
 SIZE_KEYS = ("N", "T", "P")  # sequences, max tokens per sequence, page size
 DEFAULT_SIZES = {"cpu": {"N": 1000, "T": 128, "P": 1}, "cuda": {"N": 1000, "T": 128, "P": 1}}
-LARGE_SIZES = {"N": 1000, "T": 512, "P": 16}
-DEFAULT_DTYPE = {"cpu": "float32", "cuda": "float32"}  # unused: no tensors
-UNIT = "op"
 BASELINE = "python model"
 REPEATS = {"cpu": 3, "cuda": 3}
 NOTES = {"ptcore[cpp]": "C++ trie (csrc/cpu/radix_cache.cpp) through ptcore.cache.RadixCache",
@@ -46,8 +42,18 @@ def flops(s: dict) -> int:
     return 2 * s["N"]  # operations, not FLOPs (see the module docstring)
 
 
+def _radix_model():
+    """The brute-force model, the test suite's oracle (tests/radix_oracle.py): None from a wheel."""
+    try:
+        from tests.radix_oracle import RadixModel
+    except ImportError:
+        return None
+    return RadixModel
+
+
 def cases(device: str, dtype: torch.dtype) -> list[tuple[str, str | None]]:
-    return [(BASELINE, None), ("python trie", None), ("ptcore[cpp]", None)]
+    model = None if _radix_model() else "needs the checkout's tests/radix_oracle.py (not installed)"
+    return [(BASELINE, model), ("python trie", None), ("ptcore[cpp]", None)]
 
 
 def reference(device: str, dtype: torch.dtype) -> str:
@@ -71,7 +77,8 @@ def workload(N: int, T: int, P: int, seed: int = 0) -> list[tuple[list[int], lis
             base = rng.choice(prompts)[:rng.randint(T // 8, T // 2)]
         tail = [rng.randrange(VOCAB) for _ in range(rng.randint(1, max(1, T - len(base))))]
         seqs.append((base + tail)[:T])
-    model, next_page, out = RadixModel(P) if N * T <= 4096 else None, 0, []
+    oracle = _radix_model()
+    model, next_page, out = oracle(P) if oracle and N * T <= 4096 else None, 0, []
     cache = RadixCache(P)
     for tokens in seqs:
         m = cache.match_prefix(tokens)
@@ -141,7 +148,7 @@ def replay(cache, work) -> int:
 
 def build(case: str, s: dict, dtype: torch.dtype, device: str):
     work = workload(s["N"], s["T"], s["P"])
-    impl = {"ptcore[cpp]": RadixCache, BASELINE: RadixModel, "python trie": PythonTrie}[case]
+    impl = {"ptcore[cpp]": RadixCache, BASELINE: _radix_model(), "python trie": PythonTrie}[case]
     state = {"cache": impl(s["P"])}
 
     def step():
@@ -165,11 +172,21 @@ def main(argv: list[str]) -> int:
             times.append(time.perf_counter() - t0)
             reset()
         rates[case] = flops(s) / sorted(times)[len(times) // 2]
-    print(f"{TITLE}: N={s['N']} T={s['T']} P={s['P']}")
+    print(f"{BENCHMARK.title}: N={s['N']} T={s['T']} P={s['P']}")
     print(f"{'implementation':<14} {'ops/s':>12} {'us/op':>9} {'x model':>8} {'x trie':>7}")
     for case, r in rates.items():
         print(f"{case:<14} {r:>12,.0f} {1e6 / r:>9.2f} {r / rates[BASELINE]:>8.1f} {r / rates['python trie']:>7.2f}")
     return 0
+
+
+BENCHMARK = Benchmark(
+    name="radix_cache", title="RadixCache match_prefix + insert", size_keys=SIZE_KEYS,
+    default_sizes=DEFAULT_SIZES, quick_sizes=DEFAULT_SIZES,  # already a second's work
+    large_sizes={"N": 1000, "T": 512, "P": 16},
+    default_dtype={"cpu": "float32", "cuda": "float32"},  # unused: no tensors
+    baseline=BASELINE, flops=flops, cases=cases, reference=reference, estimate_bytes=estimate_bytes,
+    build=build, notes=NOTES, repeats=REPEATS, quick_repeats={"cpu": 1, "cuda": 1}, unit="op",
+    headlines=(Headline("speed vs python model", "rate", BASELINE, (">=", 20.0)),))
 
 
 if __name__ == "__main__":

@@ -20,17 +20,15 @@ import torch
 import ptcore
 from ptcore.ops import dispatch
 
+from .registry import Benchmark, Headline
+
 NAME = "speculative_verify"
 OP = NAME  # its entry in ptcore.ops.dispatch.OPS
-TITLE = "speculative verification, one call (sampled drafts)"
 SIZE_KEYS = ("B", "K", "V")
 DEFAULT_SIZES = {"cpu": {"B": 8, "K": 5, "V": 151936}, "cuda": {"B": 64, "K": 5, "V": 151936}}
-LARGE_SIZES = {"B": 64, "K": 8, "V": 151936}
 SWEEP = {"cpu": [{"B": 1, "K": 4, "V": 32000}, {"B": 8, "K": 5, "V": 151936}, {"B": 32, "K": 8, "V": 32000}],
          "cuda": [{"B": 1, "K": 4, "V": 32000}, {"B": 64, "K": 5, "V": 151936}, {"B": 256, "K": 8, "V": 32000}]}
-DEFAULT_DTYPE = {"cpu": "float32", "cuda": "float32"}
 BASELINE = "bare race"
-REPEATS = {"cpu": 20, "cuda": 50}
 NOTES = {
     "bare race": "one row per sequence: argmax(max(0, p - q) / E), E drawn beforehand",
     "ptcore[cpu] + checks": "validate=True (the CPU default): NaN / negative / sums / ids scanned",
@@ -120,12 +118,22 @@ def build(case: str, s: dict, dtype: torch.dtype, device: str):
 
 def main(argv: list[str]) -> int:
     """Runs the size sweep through the suite runner (tables, JSON, PNG per size)."""
-    from bench import run
+    from . import run
     device = "cuda" if torch.cuda.is_available() else "cpu"
     status = 0
     for s in SWEEP[device]:
         status |= run.main(["--only", NAME, "--sizes", ",".join(str(s[k]) for k in SIZE_KEYS)] + argv)
     return status
+
+
+BENCHMARK = Benchmark(
+    name=NAME, title="speculative verification, one call (sampled drafts)", size_keys=SIZE_KEYS,
+    default_sizes=DEFAULT_SIZES, quick_sizes=DEFAULT_SIZES,  # milliseconds per call already
+    large_sizes={"B": 64, "K": 8, "V": 151936}, default_dtype={"cpu": "float32", "cuda": "float32"},
+    baseline=BASELINE, flops=flops, cases=cases, reference=reference, estimate_bytes=estimate_bytes,
+    build=build, notes=NOTES, repeats={"cpu": 20, "cuda": 50}, quick_repeats={"cpu": 10, "cuda": 50},
+    headlines=(Headline("speed vs eager PyTorch", "rate", "eager PyTorch", (">=", 1.0)),
+               Headline("of the bare race", "frac_of_gemm", None)))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ hidden 256, 8 layers, its layers 2-8's output projections scaled by 0.01 so that
 trained model refining its first layer's guess); the draft model is the target cut to its first
 layer (shared embeddings and head: a layer-skip self-draft, 1/8 of the target's layer compute). The n-gram drafter
 runs on input-grounded prompts (text that repeats passages, as in summarizing or editing).
-Writes ``bench/results/<device-slug>/speculative_decoding.json`` and ``.png``.
+Writes ``speculative_decoding.json`` (with its scoreboard rows) and ``.png`` into the results folder
+(``--out``; default bench/harness.py's ``results_dir``). ``--quick``: half the new tokens, 2 runs.
 """
 from __future__ import annotations
 
@@ -19,10 +20,14 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from bench import harness
+from . import harness, scoreboard
+from .registry import Standalone
+
+NAME = "speculative_decoding"
 
 
 def models(seed: int = 0):
@@ -131,23 +136,47 @@ def plot(path, res):
     plt.close(fig)
 
 
+def headlines(res: dict) -> list[dict]:
+    """Scoreboard rows, over the prompts: the draft model's speedup over plain greedy decoding
+    (tokens/s), and the n-gram and draft tokens per target forward against theory's
+    (1 - a^(K+1)) / (1 - a) over the measured acceptance (at least 0.9 of it)."""
+    rows = res["rows"]
+    mean = lambda case, key: statistics.fmean(r[key] for r in rows if r["case"] == case)  # noqa: E731
+    draft = "draft model (1 of 8 layers)"
+    rate = lambda case: statistics.fmean(r["tokens"] / r["median_s"] for r in rows if r["case"] == case)  # noqa: E731
+    out = [scoreboard.row(NAME, "speedup, draft model", rate(draft), "plain decoding", rate("plain decoding"),
+                          unit=" tok/s", target=(">=", 1.0))]
+    for case in ("n-gram drafter", draft):
+        out.append(scoreboard.row(NAME, f"tokens per forward vs theory, {case}", mean(case, "tokens_per_forward"),
+                                  "theory", mean(case, "theory"), target=(">=", 0.9)))
+    return out
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.speculative_decoding", description=__doc__.split("\n\n")[0])
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--tokens", type=int, default=96)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="the quick profile: 48 new tokens, 2 runs")
+    p.add_argument("--out", type=Path, help="results folder")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.quick:
+        args.tokens, args.repeats = min(args.tokens, 48), min(args.repeats, 2)
     res = run(args.k, args.tokens, args.repeats)
+    res["scoreboard"] = headlines(res)
     print(table(res))
-    out = harness.REPO / "bench" / "results" / harness.device_slug("cpu")
+    out = args.out or harness.results_dir("cpu")
     out.mkdir(parents=True, exist_ok=True)
     (out / "speculative_decoding.json").write_text(json.dumps(res, indent=2) + "\n")
     plot(out / "speculative_decoding.png", res)
     print(f"wrote {out / 'speculative_decoding'}.json and .png")
     return 0 if all(r.get("equal_to_plain", True) for r in res["rows"]) else 1
+
+
+BENCHMARK = Standalone(NAME, "speculative vs plain greedy decoding", main)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ bench/logprobs.py, bench/grpo.py).
 import pytest
 import torch
 
-from bench import registry
+from . import registry
 
 pytest.importorskip("pytest_benchmark")
 

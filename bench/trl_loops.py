@@ -2,8 +2,8 @@
 (ptcore.train) and with TRL's SFTTrainer, DPOTrainer and GRPOTrainer, on the same model (the
 embedded tiny Llama, float32 on the CPU), the same data and the same batch sizes.
 
-Each objective is its own registered benchmark (``loop_sft``, ``loop_dpo``, ``loop_grpo``; the
-modules bench/loop_*.py are two lines each), with three rows:
+Each objective is its own registered benchmark (``loop_sft``, ``loop_dpo``, ``loop_grpo``: SFT,
+DPO and GRPO below), with three rows:
 
 * ``model GEMMs``: the GEMMs of the model's linear layers (forward and both backward GEMMs) for the
   step's tokens, into preallocated outputs: the unavoidable work, so "of GEMM" is the throughput
@@ -29,10 +29,13 @@ process instead (medians of 14 each): steadier than the suite on a machine whose
 from __future__ import annotations
 
 import copy
+import importlib.util
 import random
 import tempfile
 
 import torch
+
+from .registry import Benchmark, Headline
 
 OBJECTIVES = ("sft", "dpo", "grpo")
 TRAINERS = {"sft": "SFTTrainer", "dpo": "DPOTrainer", "grpo": "GRPOTrainer"}
@@ -210,21 +213,19 @@ def trainer_step(trainer, args):
     return step
 
 
-def interface(kind: str) -> dict:
-    """The bench/registry.py interface of one objective's benchmark."""
+def benchmark(kind: str) -> Benchmark:
+    """One objective's benchmark (bench/registry.py)."""
     trainer = f"TRL {TRAINERS[kind]}"
     keys = ("B", "P", "C", "G") if kind == "grpo" else ("B", "P", "C")
     sizes = {"sft": dict(B=32, P=96, C=32), "dpo": dict(B=8, P=96, C=32), "grpo": dict(B=4, P=48, C=16, G=8)}[kind]
+    # the quick profile: a quarter of the batch (GRPO: half the prompts), the same lengths
+    quick = {k: max(1, v // (2 if kind == "grpo" else 4)) if k == "B" else v for k, v in sizes.items()}
     large = {k: v * 2 if k in ("B",) else v for k, v in sizes.items()}
-    what = {"sft": f"{sizes['B']} prompt+completion rows of varied lengths", "dpo": f"{sizes['B']} preference pairs",
-            "grpo": f"{sizes['B']} prompts x {sizes.get('G')} completions (generation included)"}[kind]
+    what = {"sft": "prompt+completion rows of varied lengths", "dpo": "preference pairs",
+            "grpo": f"prompts x {sizes.get('G')} completions (generation included)"}[kind]
 
     def cases(device, dtype):
-        try:
-            import trl  # noqa: F401
-            why = None
-        except ImportError:
-            why = "trl not installed"
+        why = None if importlib.util.find_spec("trl") else "trl not installed"
         return [(BASELINE, None), ("ptcore", None), (trainer, why)]
 
     def build(case, s, dtype, device):
@@ -234,19 +235,25 @@ def interface(kind: str) -> dict:
             return ptcore_step(kind, s, dtype, device)
         return trl_step(kind, s, dtype, device)
 
-    return dict(
-        NAME=f"loop_{kind}",
-        TITLE=f"{kind.upper()} optimizer step, tiny Llama ({n_params() / 1e6:.2f}M params), {what}",
-        SIZE_KEYS=keys, DEFAULT_SIZES={"cpu": sizes, "cuda": {k: v * (4 if k == "B" else 1) for k, v in sizes.items()}},
-        LARGE_SIZES=large, DEFAULT_DTYPE={"cpu": "float32", "cuda": "bfloat16"}, BASELINE=BASELINE,
-        REPEATS={"cpu": 10, "cuda": 20},
+    return Benchmark(
+        name=f"loop_{kind}",
+        title=f"{kind.upper()} optimizer step, tiny Llama ({n_params() / 1e6:.2f}M params), {what}",
+        size_keys=keys, default_sizes={"cpu": sizes, "cuda": {k: v * (4 if k == "B" else 1) for k, v in sizes.items()}},
+        quick_sizes={"cpu": quick, "cuda": sizes}, large_sizes=large,
+        default_dtype={"cpu": "float32", "cuda": "bfloat16"}, baseline=BASELINE,
+        repeats={"cpu": 10, "cuda": 20}, quick_repeats={"cpu": 3, "cuda": 10},
         flops=lambda s: 6.0 * n_params() * tokens_per_step(kind, s),
         cases=cases, reference=lambda device, dtype: "ptcore",
         estimate_bytes=lambda case, s, dtype: 2 * 10**9, build=build,
-        NOTES={BASELINE: "the linear layers' 3 GEMMs for the step's tokens: throughput per FLOP = of GEMM",
+        headlines=(Headline(f"speed vs {trainer}", "rate", trainer, (">=", 1.5)),
+                   Headline(f"memory vs {trainer}", "extra_peak_mb", trainer, ("<=", 1.0))),
+        notes={BASELINE: "the linear layers' 3 GEMMs for the step's tokens: throughput per FLOP = of GEMM",
                trainer: {"sft": "padded to the longest row, logits materialized", "dpo": "reference forward every step",
                          "grpo": "HF generate, logits materialized"}[kind]},
     )
+
+
+SFT, DPO, GRPO = (benchmark(kind) for kind in OBJECTIVES)
 
 
 def alternating(kinds, reps: int = 14) -> list[dict]:
@@ -256,12 +263,12 @@ def alternating(kinds, reps: int = 14) -> list[dict]:
     import time
     rows = []
     for kind in kinds:
-        b = interface(kind)
-        s = b["DEFAULT_SIZES"]["cuda" if torch.cuda.is_available() else "cpu"]
+        b = benchmark(kind)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = getattr(torch, b["DEFAULT_DTYPE"][device])
+        s = b.default_sizes[device]
+        dtype = getattr(torch, b.default_dtype[device])
         trainer = f"TRL {TRAINERS[kind]}"
-        steps = {c: b["build"](c, s, dtype, device)[0] for c in ("ptcore", trainer)}
+        steps = {c: b.build(c, s, dtype, device)[0] for c in ("ptcore", trainer)}
         times = {c: [] for c in steps}
         for st in steps.values():
             st()  # warm-up

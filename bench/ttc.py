@@ -18,7 +18,7 @@ the time is the policy's. EOS is disabled so every row does the same amount of g
 
 ``python -m bench.ttc [--repeats R] [--only best_of_n|beam_search|mcts]`` prints the table and
 writes ``bench/results/<device>/ttc.json`` and ``.png``. The suite runner (``python -m bench``)
-runs the same workloads as three benchmarks (bench/ttc_best_of_n.py, ttc_beam.py, ttc_mcts.py):
+runs the same workloads as three benchmarks (BEST_OF_N, BEAM_SEARCH and MCTS below):
 there ``GFLOP/s`` is the useful model work (2 x parameters x tree tokens) per second and
 ``of GEMM`` the rate relative to the baseline row, i.e. ptcore's speedup.
 """
@@ -32,6 +32,8 @@ import sys
 import time
 
 import torch
+
+from .registry import Benchmark, Headline
 
 DEFAULTS = {"best_of_n": {"P": 512, "G": 64}, "beam_search": {"P": 512, "S": 16}, "mcts": {"P": 512, "S": 16}}
 BASELINES = {"best_of_n": "HF generate", "beam_search": "re-encode", "mcts": "re-encode"}
@@ -144,8 +146,16 @@ NOTES = {"HF generate": "transformers generate(num_return_sequences=16): the pro
          "re-encode": "the same search on Engine(prefix_caching=False): every node re-encodes its prefix"}
 
 
-def interface(workload: str) -> dict:
-    """The bench/registry.py interface of one workload, for the suite runner's table. Its unit of
+# The quick profile: the same 512-token prompt (what prefix sharing saves grows with it), half the
+# new tokens or search steps.
+QUICK = {"best_of_n": {"P": 512, "G": 32}, "beam_search": {"P": 512, "S": 8}, "mcts": {"P": 512, "S": 8}}
+# ptcore's speedup over the baseline row: >= 3x over HF generate for best-of-16 (module docstring);
+# the searches at least break even with re-encoding (what they save grows with the prompt)
+TARGETS = {"best_of_n": 3.0, "beam_search": 1.0, "mcts": 1.0}
+
+
+def benchmark(workload: str) -> Benchmark:
+    """One workload's benchmark for the suite runner's table (bench/registry.py). Its unit of
     work is the useful model work, 2 x parameters x tree tokens, so the rate relative to the
     baseline row is ptcore's speedup over it (``python -m bench.ttc`` adds the token columns)."""
     sizes = dict(DEFAULTS[workload])
@@ -154,20 +164,25 @@ def interface(workload: str) -> dict:
         step, reset, _ = make_run(workload, case, s, device, dtype)
         return step, reset
 
-    return dict(
-        NAME=SUITE_NAMES[workload], TITLE=TITLES[workload], SIZE_KEYS=tuple(sizes),
-        DEFAULT_SIZES={"cpu": sizes, "cuda": sizes}, LARGE_SIZES={**sizes, "P": 2048},
-        DEFAULT_DTYPE={"cpu": "float32", "cuda": "float32"}, BASELINE=BASELINES[workload],
-        REPEATS={"cpu": 3, "cuda": 3}, UNIT="model FLOP", NOTES=NOTES,
+    return Benchmark(
+        name=SUITE_NAMES[workload], title=TITLES[workload], size_keys=tuple(sizes),
+        default_sizes={"cpu": sizes, "cuda": sizes}, quick_sizes={"cpu": QUICK[workload], "cuda": sizes},
+        large_sizes={**sizes, "P": 2048},
+        default_dtype={"cpu": "float32", "cuda": "float32"}, baseline=BASELINES[workload],
+        repeats={"cpu": 3, "cuda": 3}, quick_repeats={"cpu": 2, "cuda": 3}, unit="model FLOP", notes=NOTES,
         flops=lambda s: flops(workload, s),
         cases=lambda device, dtype: [(c, None) for c in cases_for(workload)],
         reference=lambda device, dtype: "ptcore[engine]",
-        estimate_bytes=lambda case, s, dtype: 2 << 30,
-        build=build)
+        estimate_bytes=lambda case, s, dtype: 2 << 30, build=build,
+        headlines=(Headline(f"speed vs {BASELINES[workload]}", "rate", BASELINES[workload],
+                            (">=", TARGETS[workload])),))
+
+
+BEST_OF_N, BEAM_SEARCH, MCTS = (benchmark(w) for w in DEFAULTS)
 
 
 def main(argv=None) -> int:
-    from bench import harness
+    from . import harness
     p = argparse.ArgumentParser(prog="python -m bench.ttc", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", choices=list(DEFAULTS))
@@ -224,7 +239,7 @@ def main(argv=None) -> int:
     print("\n**" + heading + "**\n\n| " + " | ".join(heads) + " |\n|---|---|" + "---:|" * (len(heads) - 2))
     for c in cells:
         print("| " + " | ".join(c) + " |")
-    out = harness.REPO / "bench" / "results" / harness.device_slug(device)
+    out = harness.results_dir(device)
     out.mkdir(parents=True, exist_ok=True)
     stem = "ttc" if not args.only else f"ttc-{args.only}"
     (out / f"{stem}.json").write_text(json.dumps({"heading": heading, "device": harness.device_name(device),

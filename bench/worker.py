@@ -1,25 +1,30 @@
-"""One benchmark case in a fresh process, so that its peak memory is its own:
-
-    python -m bench.worker BENCH CASE SIZES_JSON DTYPE REPEATS DEVICE
-
-prints one line ``BENCH_RESULT {json}``. Any error propagates: the runner reports its last line.
-"""
-import json
+"""One benchmark case in a process of its own, forked from a server that has imported torch,
+ptcore and transformers once (bench/harness.py), so that the case's peak memory is its own and a
+case costs no interpreter start-up. The result, or the error's last line, goes back on a pipe."""
+import os
 import sys
+import traceback
 
 import torch
 
-from bench import harness, registry
+from . import harness, registry
 
 
-def main(argv: list[str]) -> None:
-    name, case, sizes, dtype, repeats, device = argv
-    bench = registry.load(name)
-    torch.manual_seed(0)
-    step, reset = bench.build(case, json.loads(sizes), getattr(torch, dtype), device)
-    result = harness.measure(step, reset, int(repeats), device)
-    print(harness.MARK + json.dumps({"status": "ok", "threads": torch.get_num_threads(), **result}), flush=True)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+def run(name: str, case: str, sizes: dict, dtype: str, repeats: int, device: str, conn, log_path: str) -> None:
+    # what libraries print goes to the log; the suite's output stays the tables
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    try:
+        bench = registry.load(name)
+        torch.manual_seed(0)
+        step, reset = bench.build(case, sizes, getattr(torch, dtype), device)
+        result = harness.measure(step, reset, repeats, device)
+        conn.send({"status": "ok", "threads": torch.get_num_threads(), **result})
+    except BaseException as e:  # the suite goes on; the row says why
+        traceback.print_exc()
+        conn.send({"status": f"failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"})
+    finally:
+        conn.close()

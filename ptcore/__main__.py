@@ -1,5 +1,5 @@
 """The ``ptcore`` command: ``ptcore info`` prints versions and backends; ``ptcore bench`` runs the
-benchmark suite (bench/) on embedded default sizes; ``ptcore sft|dpo|grpo`` train (see
+benchmark suite (bench/, installed as ptcore.bench): its quick profile, or ``--full``; ``ptcore sft|dpo|grpo`` train (see
 ptcore/train/cli.py); ``ptcore demo`` runs the post-training scaling demo; ``ptcore models`` lists and fetches the named
 models (ptcore/models)."""
 from __future__ import annotations
@@ -25,10 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         return info_main()
     if args.command == "bench":
         try:
-            from bench.run import main as bench_main
-        except ImportError:
-            print("ptcore bench: the benchmark suite lives in the repository's bench/ folder; run it "
-                  "from a checkout (`python -m bench`)", file=sys.stderr)
+            from ptcore.bench.run import main as bench_main
+        except ImportError as e:  # a missing tool of the suite (matplotlib, psutil): name it
+            print(f"ptcore bench: {e}; install the suite's tools with `pip install ptcore[bench]`",
+                  file=sys.stderr)
             return 2
         return bench_main(rest)
     if args.command in ("sft", "dpo", "grpo"):

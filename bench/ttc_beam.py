@@ -1,4 +1,0 @@
-"""beam search on the engine vs its baseline, in the suite runner (see bench/ttc.py)."""
-from bench.ttc import interface
-
-globals().update(interface("beam_search"))

@@ -1,4 +1,0 @@
-"""best-of-16 on the engine vs its baseline, in the suite runner (see bench/ttc.py)."""
-from bench.ttc import interface
-
-globals().update(interface("best_of_n"))
