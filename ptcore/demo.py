@@ -214,7 +214,7 @@ def checkpoint_curve(run_dir, eval_model, tokenizer, task, problems, settings, s
 # -- the run ----------------------------------------------------------------------------------------
 def run_demo(output="ptcore-demo", task_name="addition", settings: DemoSettings = FULL, seed=0,
              progress=True) -> dict:
-    from ptcore.train import TrainConfig, run_grpo, run_sft
+    from ptcore.train import GRPOConfig, SFTConfig, run_grpo, run_sft
 
     t_start = time.perf_counter()
     out = Path(output)
@@ -246,11 +246,11 @@ def run_demo(output="ptcore-demo", task_name="addition", settings: DemoSettings 
     step, val_curve = 0, []
     while step < s.sft_max_steps:
         step = min(step + s.sft_chunk, s.sft_max_steps)
-        sft_cfg = TrainConfig(output_dir=str(out / "sft"), max_steps=step, batch_size=s.sft_batch,
-                              lr=s.sft_lr, warmup_steps=s.sft_warmup, min_lr_ratio=1.0,
-                              max_length=s.sft_max_length, seed=seed, save_every=s.sft_chunk,
-                              keep_checkpoints=10 ** 6, resume=True, progress=progress,
-                              log_every=s.sft_chunk, save_final=False)
+        sft_cfg = SFTConfig(output_dir=str(out / "sft"), max_steps=step, batch_size=s.sft_batch,
+                            lr=s.sft_lr, warmup_steps=s.sft_warmup, min_lr_ratio=1.0,
+                            max_length=s.sft_max_length, seed=seed, save_every=s.sft_chunk,
+                            keep_checkpoints=10 ** 6, resume=True, progress=progress,
+                            log_every=s.sft_chunk, save_final=False)
         sft = run_sft(model, tok, str(sft_path), sft_cfg)
         model = sft.model
         val = greedy_accuracy(model, tok, task, val_problems, max_new)
@@ -269,16 +269,16 @@ def run_demo(output="ptcore-demo", task_name="addition", settings: DemoSettings 
 
     # 2. GRPO on the verifiable reward
     t0 = time.perf_counter()
-    grpo_cfg = TrainConfig(output_dir=str(out / "grpo"), max_steps=s.grpo_steps, batch_size=s.grpo_prompts,
-                           lr=s.grpo_lr, warmup_steps=s.grpo_warmup, max_length=s.sft_max_length, seed=seed,
-                           save_every=s.grpo_eval_every, keep_checkpoints=10 ** 6, progress=progress,
-                           log_every=max(1, s.grpo_steps // 10), save_final=False)
+    grpo_cfg = GRPOConfig(output_dir=str(out / "grpo"), max_steps=s.grpo_steps, batch_size=s.grpo_prompts,
+                          lr=s.grpo_lr, warmup_steps=s.grpo_warmup, max_length=s.sft_max_length, seed=seed,
+                          save_every=s.grpo_eval_every, keep_checkpoints=10 ** 6, progress=progress,
+                          log_every=max(1, s.grpo_steps // 10), save_final=False, group_size=s.grpo_group,
+                          temperature=s.temperature, max_new_tokens=max_new)
 
     def task_reward(prompts, completions, answer, **_):
         return [task.reward(c, a) for c, a in zip(completions, answer)]
 
-    grpo = run_grpo(model, tok, str(grpo_path), grpo_cfg, reward_fns=[task_reward], group_size=s.grpo_group,
-                    temperature=s.temperature, max_new_tokens=max_new)
+    grpo = run_grpo(model, tok, str(grpo_path), grpo_cfg, reward_fns=[task_reward])
     timings["grpo_train_s"] = time.perf_counter() - t0
     model = grpo.model
     t0 = time.perf_counter()

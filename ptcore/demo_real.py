@@ -99,7 +99,7 @@ def test_time_curve(problems, samples, max_n) -> dict:
 def run_real_demo(output="ptcore-demo-real", settings: RealDemoSettings = FULL, seed=0, progress=True) -> dict:
     from ptcore import models
     from ptcore.models.chat import addition_problems, addition_prompts, addition_reward
-    from ptcore.train import TrainConfig, run_grpo
+    from ptcore.train import GRPOConfig, run_grpo
 
     s = settings
     t_start = time.perf_counter()
@@ -120,11 +120,11 @@ def run_real_demo(output="ptcore-demo-real", settings: RealDemoSettings = FULL, 
           file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    cfg = TrainConfig(output_dir=str(out / "grpo"), max_steps=s.grpo_steps, batch_size=s.grpo_prompts,
-                      lr=s.grpo_lr, warmup_steps=0, max_length=256, seed=seed, progress=progress,
-                      log_every=max(1, s.grpo_steps // 10), save_final=False)
-    grpo = run_grpo(model, tok, addition_prompts(tok, s.n_train, seed=seed), cfg, reward_fns=[addition_reward],
-                    group_size=s.grpo_group, temperature=s.temperature, max_new_tokens=s.max_new_tokens)
+    cfg = GRPOConfig(output_dir=str(out / "grpo"), max_steps=s.grpo_steps, batch_size=s.grpo_prompts,
+                     lr=s.grpo_lr, warmup_steps=0, max_length=256, seed=seed, progress=progress,
+                     log_every=max(1, s.grpo_steps // 10), save_final=False, group_size=s.grpo_group,
+                     temperature=s.temperature, max_new_tokens=s.max_new_tokens)
+    grpo = run_grpo(model, tok, addition_prompts(tok, s.n_train, seed=seed), cfg, reward_fns=[addition_reward])
     model = grpo.model.eval()
     timings["grpo_s"] = time.perf_counter() - t0
 

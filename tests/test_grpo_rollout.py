@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ptcore.train import run_grpo
-from ptcore.train.config import TrainConfig
+from ptcore.train.config import GRPOConfig
 from ptcore.train.data import load_records, prompt_examples
 from ptcore.train.grpo import GRPOObjective
 from tests.train_helpers import config, one_thread, tiny  # noqa: F401
@@ -19,12 +19,12 @@ def first_char(prompts, completions, **_):
     return [(ord(c[0]) % 5) / 4 if c else 0.0 for c in completions]
 
 
-def objective(tmp_path, model, tok, **kw):
+def objective(tmp_path, model, tok, reward_fns=(first_char,), **kw):
     prompts = prompt_examples(load_records(DATA, "grpo"), tok, 32, report=False)
-    cfg = TrainConfig(output_dir=str(tmp_path), batch_size=4, max_length=48, seed=kw.pop("seed", 0))
-    opts = dict(reward_fns=[first_char], group_size=3, temperature=0.8, max_new_tokens=6)
+    opts = dict(seed=0, group_size=3, temperature=0.8, max_new_tokens=6)
     opts.update(kw)
-    obj = GRPOObjective(prompts, tok, cfg, **opts)
+    cfg = GRPOConfig(output_dir=str(tmp_path), batch_size=4, max_length=48, **opts)
+    obj = GRPOObjective(prompts, tok, cfg, reward_fns=list(reward_fns))
     obj.prepare_model(model)
     obj.setup(model, obj.ctx, cfg)
     return obj, prompts
@@ -81,9 +81,11 @@ def test_run_samples_with_the_weights_of_its_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GRPOObjective, "make_rollout", spy)
     model, tok = tiny()
-    res = run_grpo(model, tok, DATA, config(tmp_path, "v", max_steps=3, batch_size=2, lr=1e-2),
-                   reward_fns=[first_char], group_size=4, max_new_tokens=6, deterministic=True,
-                   temperature=0.8, rollout_correction="token_mask", rollout_clip=(0.5, 2.0))
+    res = run_grpo(model, tok, DATA, config(tmp_path, "v", GRPOConfig, max_steps=3, batch_size=2, lr=1e-2,
+                                            group_size=4, max_new_tokens=6, deterministic=True, temperature=0.8,
+                                            rollout_correction="token_mask", rollout_clip_min=0.5,
+                                            rollout_clip_max=2.0),
+                   reward_fns=[first_char])
     assert [m["rollout/policy_step"] for m in res.metrics] == [0, 1, 2]
     sums = [m["rollout/weights_checksum"] for m in res.metrics]
     assert len(set(sums)) == 3  # every step moved the weights the engine read
@@ -152,8 +154,8 @@ def test_eos_and_stop_strings(tmp_path):
 
 def test_hf_and_engine_rollouts_both_feed_sampling_logps(tmp_path):
     model, tok = tiny()
-    res = run_grpo(model, tok, DATA, config(tmp_path, "h", max_steps=1, batch_size=2),
-                   reward_fns=[first_char], group_size=2, max_new_tokens=4, rollout="hf")
+    res = run_grpo(model, tok, DATA, config(tmp_path, "h", GRPOConfig, max_steps=1, batch_size=2, group_size=2,
+                                            max_new_tokens=4, rollout="hf"), reward_fns=[first_char])
     assert res.metrics[0]["rollout/logp_diff_max"] < 1e-3
 
 
@@ -192,7 +194,7 @@ def test_bad_input_is_a_clear_error_leaving_no_sequence(tmp_path):
     with pytest.raises(ValueError, match="group_size"):
         objective(tmp_path, model, tok, group_size=1)
     for kw, name in ((dict(rollout="vllm"), "rollout"), (dict(rollout_correction="seq"), "rollout_correction"),
-                     (dict(rollout_clip=(3.0, 1.0)), "rollout_clip"),
+                     (dict(rollout_clip_min=3.0, rollout_clip_max=1.0), "rollout_clip"),
                      (dict(off_policy_threshold=math.inf), "off_policy_threshold"),
                      (dict(stop_strings="1"), "stop_strings"), (dict(engine_max_tokens=0), "engine_max_tokens")):
         with pytest.raises(ValueError, match=name):
@@ -232,8 +234,8 @@ def test_truncated_sampling_matches_truncation_aware_trainer(tmp_path):
                     output_hidden_states=True)
         full = linear_logprobs(out.hidden_states[-1], model.get_output_embeddings().weight, b["target"])
     assert (b["sampling_logps"] - full)[m].abs().mean() > 1e-2  # the bias log S the truncation removes
-    res = run_grpo(model, tok, DATA, config(tmp_path, "t", max_steps=1, batch_size=2), reward_fns=[first_char],
-                   group_size=2, max_new_tokens=4, top_k=5, top_p=0.8)
+    res = run_grpo(model, tok, DATA, config(tmp_path, "t", GRPOConfig, max_steps=1, batch_size=2, group_size=2,
+                                            max_new_tokens=4, top_k=5, top_p=0.8), reward_fns=[first_char])
     assert res.metrics[0]["rollout/logp_diff_max"] < 1e-4
     with pytest.raises(ValueError, match="top_p"):
         objective(tmp_path, model, tok, top_p=0.0)

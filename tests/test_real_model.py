@@ -154,15 +154,15 @@ def heldout_loss(model, tok, records) -> float:
 
 
 def test_sft_lowers_heldout_loss(real, tmp_path):
-    from ptcore.train import TrainConfig, run_sft
+    from ptcore.train import SFTConfig, run_sft
     model, tok = real
     train = conversations("train")[:10] + addition_sft(14)
     heldout = conversations("heldout") + addition_sft(6, split="heldout")
     policy = copy.deepcopy(model)
     before = heldout_loss(policy, tok, heldout)
-    cfg = TrainConfig(str(tmp_path), max_steps=3, batch_size=8, lr=5e-5, max_length=128, seed=0,
-                      progress=False, save_final=False)
-    res = run_sft(policy, tok, train, cfg, packing=False)
+    cfg = SFTConfig(str(tmp_path), max_steps=3, batch_size=8, lr=5e-5, max_length=128, seed=0,
+                    progress=False, save_final=False, packing=False)
+    res = run_sft(policy, tok, train, cfg)
     after = heldout_loss(policy.eval(), tok, heldout)
     print(f"\nSFT, 3 steps of 8 chat examples: held-out loss {before:.3f} -> {after:.3f}")
     assert len(res.metrics) == 3 and after < before - 0.1

@@ -3,7 +3,7 @@ does): packing changes how a micro-batch's examples are laid out, never how many
 import pytest
 import torch
 
-from ptcore.train import TrainConfig
+from ptcore.train import SFTConfig
 from ptcore.train import data as D
 from ptcore.train.sft import SFTObjective
 from ptcore.train.tiny import CharTokenizer
@@ -14,8 +14,9 @@ def test_batch_size_counts_examples(tmp_path, packing):
     tok = CharTokenizer()
     recs = D.load_records([{"prompt": f"{i}+{i}=", "completion": str(2 * i)} for i in range(10, 30)], "sft")
     examples = D.sft_examples(recs, tok, 64)
-    cfg = TrainConfig(str(tmp_path), max_steps=3, batch_size=6, grad_accum=2, max_length=64, progress=False)
-    obj = SFTObjective(examples, tok, cfg, packing=packing)
+    cfg = SFTConfig(str(tmp_path), max_steps=3, batch_size=6, grad_accum=2, max_length=64, progress=False,
+                    packing=packing)
+    obj = SFTObjective(examples, tok, cfg)
     assert len(obj.items) == 20  # the items are the examples, not packed rows
     seen = 0
     for step in range(3):

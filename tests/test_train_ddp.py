@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ptcore.train import run_sft
+from ptcore.train import SFTConfig, run_sft
 from ptcore.train.tiny import load_model_and_tokenizer
 from tests.reference import assert_rule, rel_err, rule_bound
 from tests.train_helpers import config, one_thread, sft_rows, tiny  # noqa: F401
@@ -32,14 +32,15 @@ def _worker(rank, port, out_dir, strategies):
                             timeout=timedelta(seconds=120))
     for strategy in strategies:
         model, tok = tiny()
-        cfg = config(Path(out_dir), strategy, max_steps=STEPS, batch_size=2, grad_accum=1, strategy=strategy,
-                     save_final=True, save_every=2)  # full weights gathered from the shards by rank 0
-        res = run_sft(model, tok, _rows(), cfg, packing=False)
+        cfg = config(Path(out_dir), strategy, SFTConfig, max_steps=STEPS, batch_size=2, grad_accum=1,
+                     strategy=strategy, save_final=True, save_every=2,  # full weights gathered by rank 0
+                     packing=False)
+        res = run_sft(model, tok, _rows(), cfg)
         assert dist.is_initialized()  # the loop leaves a group it did not open
         # the last checkpoint (full state dicts) loads back into a fresh wrapped model
         cfg.max_steps, cfg.save_every, cfg.resume, cfg.save_final = 2, 0, True, False
         model, tok = tiny(seed=9)
-        run_sft(model, tok, _rows(), cfg, packing=False)
+        run_sft(model, tok, _rows(), cfg)
         assert len(res.metrics) == STEPS  # every rank has the metrics of the global batch
         if rank == 0:
             torch.save(res.metrics, Path(out_dir) / f"{strategy}.pt")
@@ -66,8 +67,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     runs = {}
     for dtype in (torch.float64, torch.float32):
         single, tok = tiny(dtype=dtype)
-        res = run_sft(single, tok, _rows(), config(tmp_path, f"single-{dtype}", max_steps=STEPS, batch_size=2,
-                                                   grad_accum=2), packing=False)
+        res = run_sft(single, tok, _rows(), config(tmp_path, f"single-{dtype}", SFTConfig, max_steps=STEPS,
+                                                   batch_size=2, grad_accum=2, packing=False))
         assert next(single.parameters()).dtype == dtype
         runs[dtype] = (single, res.metrics)
     (m64, r64), (single, r32) = runs[torch.float64], runs[torch.float32]

@@ -10,7 +10,7 @@ from ptcore.ops.preference import LENGTH_NORMALIZED, LOSS_TYPES
 from ptcore.train import data as D
 from ptcore.train import dpo as dpo_module
 from ptcore.train import run_dpo
-from ptcore.train.config import TrainConfig
+from ptcore.train.config import DPOConfig
 from ptcore.train.distributed import DistContext
 from tests.reference import assert_rule
 from tests.train_helpers import config, one_thread, tiny  # noqa: F401
@@ -61,8 +61,8 @@ def test_fused_loss_equals_unfused(loss_type):
     model, tok = tiny(dtype=torch.float64)
     ref, _ = tiny(seed=1, dtype=torch.float64)
     pairs = D.pair_examples(D.load_records(ROWS, "dpo"), tok, 48, report=False)
-    cfg = TrainConfig(output_dir="/nonexistent", batch_size=3, max_length=48, seed=0)
-    obj = dpo_module.DPOObjective(pairs, tok, cfg, ref_model=ref, loss_type=loss_type, beta=0.5)
+    cfg = DPOConfig(output_dir="/nonexistent", batch_size=3, max_length=48, seed=0, loss_type=loss_type, beta=0.5)
+    obj = dpo_module.DPOObjective(pairs, tok, cfg, ref_model=ref)
     obj.prepare_model(model)
     obj.ctx = DistContext(rank=1)  # not the main rank: nothing written to output_dir
     if obj.needs_ref:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ptcore.__main__ import main
-from ptcore.train import TrainConfig, TrainingError, checkpoint, run_dpo, run_grpo, run_sft
+from ptcore.train import DPOConfig, GRPOConfig, TrainConfig, TrainingError, checkpoint, run_dpo, run_grpo, run_sft
 from ptcore.train import data as D
 from ptcore.train.tasks import write_jsonl
 from tests.train_helpers import config, one_thread, sft_rows, tiny  # noqa: F401
@@ -45,12 +45,11 @@ def test_config_rejects_a_file_as_output(tmp_path):
 def test_dpo_options_fail_before_the_reference_pass(tmp_path):
     model, tok = tiny()
     rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}] * 4
-    cfg = config(tmp_path, "dpo")
     for kw, name in ((dict(beta=-1.0), "'beta'"), (dict(loss_type="nope"), "'loss_type'"),
                      (dict(label_smoothing=0.7, loss_type="robust"), "'label_smoothing'"),
                      (dict(beta=float("nan")), "'beta'")):
         with pytest.raises(ValueError, match=f"run_dpo: {name}"):
-            run_dpo(model, None, tok, rows, cfg, **kw)
+            run_dpo(model, None, tok, rows, config(tmp_path, "dpo", DPOConfig, **kw))
     assert not (tmp_path / "dpo").exists()  # no ref_logps.pt, no empty metrics.jsonl
 
 
@@ -62,10 +61,10 @@ def test_grpo_options_named_as_run_grpo_names_them(tmp_path):
                      (dict(temperature=0.005), "'temperature'"),  # below the log-prob ops' bound
                      (dict(epsilon_low=2.0), "'epsilon_low'"), (dict(group_size=2.5), "'group_size'")):
         with pytest.raises(ValueError, match=f"run_grpo: {name}"):
-            run_grpo(model, tok, rows, config(tmp_path, "grpo"), **kw)
+            run_grpo(model, tok, rows, config(tmp_path, "grpo", GRPOConfig, **kw))
     with pytest.raises(D.DataError, match=r"data\[1\]: missing key 'answer'"):
         run_grpo(model, tok, [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2="}],
-                 config(tmp_path, "grpo"), group_size=2)
+                 config(tmp_path, "grpo", GRPOConfig, group_size=2))
     assert not (tmp_path / "grpo").exists()
 
 
@@ -216,5 +215,5 @@ def test_an_infinite_reward_names_the_reward_function(tmp_path):
         return [float("inf")] * len(completions)
 
     with pytest.raises(ValueError, match="reward function 'broken' returned inf for completion 0"):
-        run_grpo(model, tok, rows, config(tmp_path, "g", max_steps=1), reward_fns=[broken], group_size=2,
-                 max_new_tokens=2)
+        run_grpo(model, tok, rows, config(tmp_path, "g", GRPOConfig, max_steps=1, group_size=2, max_new_tokens=2),
+                 reward_fns=[broken])

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ptcore.train import checkpoint, run_grpo, run_sft
+from ptcore.train import GRPOConfig, SFTConfig, checkpoint, run_grpo, run_sft
 from ptcore.train.loop import Shuffler, lr_lambda
 from tests.reference import assert_rule, rel_err, rule_bound
 from tests.train_helpers import config, math_of, one_thread, same_params, sft_rows, tiny  # noqa: F401
@@ -53,8 +53,8 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     # the float64 run is the oracle, the fp32 one big batch the naive baseline of the tolerance rule
     for bs, acc, dtype in ((4, 1, torch.float64), (4, 1, None), (2, 2, None), (1, 4, None)):
         model, tok = tiny(dtype=dtype)
-        res = run_sft(model, tok, rows, config(tmp_path, f"b{bs}-{dtype}", batch_size=bs, grad_accum=acc,
-                                               max_steps=3), packing=False)
+        res = run_sft(model, tok, rows, config(tmp_path, f"b{bs}-{dtype}", SFTConfig, batch_size=bs, grad_accum=acc,
+                                               max_steps=3, packing=False))
         runs[(bs, acc, dtype)] = (model, res.metrics)
     (m64, r64), (m0, r0) = runs[(4, 1, torch.float64)], runs[(4, 1, None)]
     assert next(m64.parameters()).dtype == torch.float64 and next(m0.parameters()).dtype == torch.float32
@@ -174,8 +174,8 @@ def test_grpo_resume_mid_rollout_is_exact(tmp_path, monkeypatch):
     from ptcore.train.grpo import GRPOObjective
     ones = lambda prompts, completions, **_: [(ord(c[0]) % 7) / 7 if c else 0.0 for c in completions]
     data = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(6)]
-    run = lambda m, t, c: run_grpo(m, t, data, c, reward_fns=[ones], group_size=3, max_new_tokens=5,
-                                   num_iterations=2)
+    run = lambda m, t, c: run_grpo(m, t, data, GRPOConfig(**c.to_dict(), group_size=3, max_new_tokens=5,
+                                                          num_iterations=2), reward_fns=[ones])
     full = _resume_matches(tmp_path, monkeypatch, run, GRPOObjective, kill_step=4, max_steps=6,
                            save_every=3, batch_size=1)
     assert all(m["grad_norm"] > 0 and m["reward_std"] > 0 for m in full.metrics)  # real updates

@@ -24,11 +24,12 @@ def tiny(seed=0, dtype=None):
     return load_model_and_tokenizer("tiny", seed=seed, dtype=dtype, **SMALL)
 
 
-def config(tmp_path, name="run", **kw):
+def config(tmp_path, name="run", cls=TrainConfig, **kw):
+    """A small run's config: a TrainConfig, or the objective's ``cls`` with its options in ``kw``."""
     base = dict(output_dir=str(tmp_path / name), max_steps=3, batch_size=2, max_length=48, lr=1e-3,
                 progress=False, save_final=False, log_every=100)
     base.update(kw)
-    return TrainConfig(**base)
+    return cls(**base)
 
 
 def sft_rows(n=12, seed=0):

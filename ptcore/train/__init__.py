@@ -7,14 +7,17 @@
 * :func:`run_grpo`: group-relative policy optimization with Python reward callables and the fused
   :func:`ptcore.ops.linear_policy_loss`.
 
-All three share :class:`TrainConfig` and the loop of :mod:`ptcore.train.loop` (AdamW, warmup +
+Each takes its config, a dataclass that declares every option once with its help text
+(:class:`SFTConfig`, :class:`DPOConfig`, :class:`GRPOConfig`, subclasses of :class:`TrainConfig`;
+the CLI parses the same dataclasses). All three share the loop of :mod:`ptcore.train.loop` (AdamW, warmup +
 cosine, accumulation normalized by the optimizer step's global token count, clipping, atomic
 checkpoints with exact resume, DDP / FSDP2 under ``torchrun``). The embedded tiny model and the
 synthetic tasks live in :mod:`ptcore.train.tiny` and :mod:`ptcore.train.tasks`.
 """
-from ptcore.train.config import TrainConfig, TrainingError, TrainResult
+from ptcore.train.config import DPOConfig, GRPOConfig, SFTConfig, TrainConfig, TrainingError, TrainResult
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingError", "run_dpo", "run_grpo", "run_sft"]
+__all__ = ["DPOConfig", "GRPOConfig", "SFTConfig", "TrainConfig", "TrainResult", "TrainingError", "run_dpo",
+           "run_grpo", "run_sft"]
 
 
 def __getattr__(name):

@@ -7,121 +7,97 @@
 ``--model`` is ``tiny`` (the embedded model, the default), a directory ptcore saved, or a local
 Hugging Face model directory (its tokenizer is used). ``--data`` is a jsonl file (formats in
 :mod:`ptcore.train.data`); with the tiny model, ``--task addition|countdown`` generates the data
-instead. Runs under ``torchrun`` too (``--strategy ddp|fsdp``).
+instead. Runs under ``torchrun`` too (``--strategy ddp|fsdp``). Every other flag is a field of
+the objective's config (``SFTConfig``, ``DPOConfig``, ``GRPOConfig`` in ptcore.train.config),
+spelled with dashes or underscores, with its help text; a bool field is ``--name`` (or
+``--name false``), one that defaults to True also ``--no-name``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from ptcore.train.config import TrainConfig
+from ptcore.train.config import DPOConfig, GRPOConfig, SFTConfig, option
 
-DEFAULTS = {  # per objective: what a sensible first run uses
+CONFIGS = {"sft": SFTConfig, "dpo": DPOConfig, "grpo": GRPOConfig}
+DEFAULTS = {  # per objective: what a sensible first run uses (the Python API keeps the configs')
     "sft": dict(lr=1e-3, max_steps=200, batch_size=8, max_length=256, warmup_steps=10),
     "dpo": dict(lr=1e-4, max_steps=100, batch_size=8, max_length=256, warmup_steps=5),
-    "grpo": dict(lr=2e-5, max_steps=50, batch_size=4, max_length=256, warmup_steps=0),
+    "grpo": dict(lr=2e-5, max_steps=50, batch_size=4, max_length=256, warmup_steps=0, max_new_tokens=32),
 }
 
 
-def add_common(p: argparse.ArgumentParser, kind: str) -> None:
-    d = DEFAULTS[kind]
-    p.add_argument("--model", default="tiny", help="'tiny' (embedded, default), a ptcore-saved "
-                   "directory, or a local Hugging Face model directory")
-    p.add_argument("--data", help="jsonl training data (see the README for the formats)")
-    p.add_argument("--task", choices=("addition", "countdown"),
-                   help="generate the data from this synthetic task when --data is not given")
-    p.add_argument("--num-examples", type=int, default=2000, help="examples --task generates (default 2000)")
-    p.add_argument("--output", required=True, help="output directory (metrics, checkpoints, final model)")
-    p.add_argument("--max-steps", type=int, default=d["max_steps"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="per micro-batch and rank")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--min-lr-ratio", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--max-length", type=int, default=d["max_length"])
-    p.add_argument("--overflow", choices=("truncate", "skip"), default="truncate",
-                   help="what to do with longer examples (counted and printed either way)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar; print metrics lines")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="model weights dtype (default: as loaded)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun")
-    p.add_argument("--max-consecutive-skips", type=int, default=3,
-                   help="stop after this many steps in a row with a non-finite loss or gradient "
-                        "norm (each is skipped: no update) (default 3)")
+@dataclass
+class RunArgs:
+    """What the command line adds to the config: the model, the data, the device."""
+    model: str = option("tiny", "'tiny' (embedded), a ptcore-saved directory, or a local Hugging Face "
+                        "model directory")
+    data: Optional[str] = option(None, "jsonl training data (see the README for the formats)")
+    task: Optional[str] = option(None, "generate the data from this synthetic task when --data is not "
+                                 "given", choices=("addition", "countdown"))
+    num_examples: int = option(2000, "examples --task generates")
+    dtype: Optional[str] = option(None, "model weights dtype (None: as loaded)",
+                                  choices=("float32", "bfloat16"))
+    device: Optional[str] = option(None, "cpu, cuda, ... (None: cuda when available)")
 
 
-def make_parser(kind: str) -> argparse.ArgumentParser:
-    """The options of ``ptcore <kind>``: the shared ones, then the objective's own."""
+@dataclass
+class DPORunArgs:
+    ref_model: Optional[str] = option(None, "reference model (None: --model before training)")
+
+
+@dataclass
+class GRPORunArgs:
+    no_rollout_clip_max: bool = option(False, "no upper bound on the rollout importance weight "
+                                       "(sets rollout_clip_max to None; mask modes)")
+
+
+RUN_ARGS = {"sft": (RunArgs,), "dpo": (RunArgs, DPORunArgs), "grpo": (RunArgs, GRPORunArgs)}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, each flag's default after its help."""
+
+
+def make_parser(kind: str):
+    """The options of ``ptcore <kind>``: the objective's config (the shared loop's fields, then
+    its own) and the run's, each field a flag with its help, parsed by transformers'
+    ``HfArgumentParser``; the command line's first-run defaults; ``--output`` required."""
+    from transformers import HfArgumentParser
     helps = {"sft": "supervised fine-tuning", "dpo": "preference optimization (DPO family)",
              "grpo": "group relative policy optimization"}
-    p = argparse.ArgumentParser(prog=f"ptcore {kind}", description=f"{helps[kind]}. {__doc__}",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common(p, kind)
-    if kind == "sft":
-        p.add_argument("--no-packing", action="store_true", help="pad examples instead of packing them")
-    elif kind == "dpo":
-        from ptcore.ops.preference import LOSS_TYPES
-        p.add_argument("--loss-type", default="sigmoid", choices=LOSS_TYPES)
-        p.add_argument("--beta", type=float, default=0.1)
-        p.add_argument("--label-smoothing", type=float, default=0.0)
-        p.add_argument("--gamma", type=float, default=0.5, help="simpo target margin")
-        p.add_argument("--ref-model", help="reference model (default: --model before training)")
-    else:
-        from ptcore.ops.policy import LOSS_TYPES as PG_TYPES
-        p.add_argument("--group-size", type=int, default=8)
-        p.add_argument("--temperature", type=float, default=1.0)
-        p.add_argument("--max-new-tokens", type=int, default=32)
-        p.add_argument("--num-iterations", type=int, default=1, help="optimizer steps per rollout")
-        p.add_argument("--kl-coef", type=float, default=0.0)
-        p.add_argument("--loss-type", default="dapo", choices=PG_TYPES)
-        p.add_argument("--epsilon", type=float, default=0.2)
-        p.add_argument("--epsilon-high", type=float, default=None)
-        p.add_argument("--rollout", default="engine", choices=("engine", "hf"),
-                       help="sample on ptcore.engine (default) or with HF generate")
-        p.add_argument("--rollout-correction", default=None,
-                       choices=("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
-                       help="importance weight of the sampler/trainer mismatch (TRL's vllm_importance_sampling_mode)")
-        p.add_argument("--rollout-clip-min", type=float, default=None)
-        p.add_argument("--rollout-clip-max", type=float, default=3.0)
-        p.add_argument("--no-rollout-clip-max", action="store_true", help="no upper bound (mask modes)")
-        p.add_argument("--off-policy-threshold", type=float, default=None, help="OPSM threshold")
-        p.add_argument("--stop-string", action="append", default=[], help="repeatable (engine rollouts)")
-        p.add_argument("--engine-max-tokens", type=int, default=None, help="the engine's KV cache")
-        p.add_argument("--top-k", type=int, default=0, help="truncated sampling (0: off)")
-        p.add_argument("--top-p", type=float, default=1.0, help="truncated sampling (1: off)")
-        p.add_argument("--deterministic", action="store_true",
-                       help="batch-invariant trainer log-probs (linear_logprobs deterministic=True)")
+    p = HfArgumentParser([*RUN_ARGS[kind], CONFIGS[kind]], prog=f"ptcore {kind}",
+                         description=f"{helps[kind]}. {__doc__}", formatter_class=_HelpFormatter)
+    # argparse's defaults are the fields' (HfArgumentParser leaves a list-typed field's str default
+    # out), then the command line's own
+    p.set_defaults(**{f.name: f.default for cls in (*RUN_ARGS[kind], CONFIGS[kind])
+                      for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING})
+    p.set_defaults(**DEFAULTS[kind])
+    for a in p._actions:
+        if a.dest == "output_dir":
+            a.required, a.default = True, argparse.SUPPRESS
     return p
 
 
-def _rollout_kwargs(args) -> dict:
-    return dict(rollout=args.rollout, rollout_correction=args.rollout_correction,
-                rollout_clip=(args.rollout_clip_min, None if args.no_rollout_clip_max else args.rollout_clip_max),
-                off_policy_threshold=args.off_policy_threshold, stop_strings=tuple(args.stop_string),
-                engine_max_tokens=args.engine_max_tokens, deterministic=args.deterministic,
-                top_k=args.top_k, top_p=args.top_p)
+def _build(cls, ns: argparse.Namespace):
+    """The dataclass ``cls`` from the parsed flags (its checks run here, inside main's error
+    handling, so a bad value exits 2 naming the flag)."""
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init})
 
 
-def _config(args) -> TrainConfig:
-    return TrainConfig(output_dir=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
-                       grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
-                       weight_decay=args.weight_decay, min_lr_ratio=args.min_lr_ratio,
-                       max_grad_norm=args.max_grad_norm or None, max_length=args.max_length,
-                       overflow=args.overflow, seed=args.seed, log_every=args.log_every,
-                       save_every=args.save_every, resume=args.resume, progress=not args.no_progress,
-                       strategy=args.strategy, max_consecutive_skips=args.max_consecutive_skips)
+def _config(kind: str, args):
+    if kind == "grpo" and args.no_rollout_clip_max:
+        args = argparse.Namespace(**{**vars(args), "rollout_clip_max": None})
+    return _build(CONFIGS[kind], args)
 
 
 def _data(args, kind: str) -> str:
@@ -130,7 +106,7 @@ def _data(args, kind: str) -> str:
     if not args.task:
         raise CLIError("give --data FILE.jsonl, or --task addition|countdown to generate synthetic data")
     from ptcore.train.tasks import write_jsonl
-    path = Path(args.output) / f"{args.task}-{kind}-n{args.num_examples}-seed{args.seed}.jsonl"
+    path = Path(args.output_dir) / f"{args.task}-{kind}-n{args.num_examples}-seed{args.seed}.jsonl"
     if _rank() == 0:
         write_jsonl(args.task, kind, path, n=args.num_examples, seed=args.seed)  # atomic (os.replace)
         print(f"ptcore {kind}: wrote {args.num_examples} {args.task} examples to {path}", file=sys.stderr)
@@ -159,18 +135,20 @@ class CLIError(ValueError):
     """A usage error of ``ptcore sft|dpo|grpo`` (printed, exit status 2)."""
 
 
-# Option names of the Python API whose flag is spelled differently.
-_FLAG_OF = {"output_dir": "--output", "epsilon_low": "--epsilon", "ref_model": "--ref-model",
-            "rollout_clip": "--rollout-clip-min/--rollout-clip-max", "stop_strings": "--stop-string"}
-_PREFIX = re.compile(r"^(TrainConfig|run_sft|run_dpo|run_grpo|dpo_loss|policy_loss|load_records): ")
+# Option names of the Python API without a flag of their own.
+_FLAG_OF = {"rollout_clip": "--rollout-clip-min/--rollout-clip-max"}
+_PREFIX = re.compile(r"^(TrainConfig|SFTConfig|DPOConfig|GRPOConfig|run_sft|run_dpo|run_grpo|dpo_loss|"
+                     r"policy_loss|load_records): ")
 
 
 def error_message(parser: argparse.ArgumentParser, e: BaseException) -> str:
     """One paragraph for an error: the API's argument names become the flags that set them
-    ('lr' -> --lr), file:line locations are kept as they are."""
+    ('lr' -> --lr, 'output_dir' -> --output: a field's last spelling, its alias or its dashed
+    name), file:line locations are kept as they are."""
     flags = dict(_FLAG_OF)
-    flags.update({a.dest: a.option_strings[-1] for a in parser._actions
-                  if a.option_strings and a.dest not in flags})
+    for a in parser._actions:  # the field's own flag, not its --no- complement
+        if a.option_strings and a.dest not in flags and not a.option_strings[0].startswith("--no_"):
+            flags[a.dest] = a.option_strings[-1]
     from ptcore.train.data import DataError
     msg = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, DataError):  # names a file and line (or a record); its quotes are keys
@@ -209,21 +187,11 @@ def _check_model(flag: str, name) -> None:
 
 
 def _check_options(kind: str, args) -> None:
-    """The objective's options, checked before any data is written or model loaded."""
+    """What the config cannot check, before any data is written or model loaded."""
     _check_model("--model", args.model)
     _check_model("--ref-model", getattr(args, "ref_model", None))
     if not args.data and args.num_examples < 1:
         raise CLIError(f"--num-examples must be >= 1, got {args.num_examples}")
-    if kind == "dpo":
-        from ptcore.train.dpo import check_options
-        check_options(loss_type=args.loss_type, beta=args.beta, label_smoothing=args.label_smoothing,
-                      gamma=args.gamma)
-    elif kind == "grpo":
-        from ptcore.train.grpo import check_options
-        check_options(group_size=args.group_size, temperature=args.temperature,
-                      max_new_tokens=args.max_new_tokens, num_iterations=args.num_iterations,
-                      kl_coef=args.kl_coef, loss_type=args.loss_type, epsilon_low=args.epsilon,
-                      epsilon_high=args.epsilon_high, **_rollout_kwargs(args))
     if args.data:
         from ptcore.train import data as D
         records = D.load_records(args.data, kind)  # a bad file fails here, before any model loads
@@ -233,28 +201,23 @@ def _check_options(kind: str, args) -> None:
 
 
 def _main(kind: str, args) -> int:
-    config = _config(args)
+    config = _config(kind, args)  # every option of the objective checked here
     _check_options(kind, args)
     data = _data(args, kind)
     model, tok = _load(args.model, args)
     if kind == "sft":
         from ptcore.train.sft import run_sft
-        result = run_sft(model, tok, data, config, packing=not args.no_packing)
+        result = run_sft(model, tok, data, config)
     elif kind == "dpo":
         from ptcore.train.dpo import run_dpo
         ref = _load(args.ref_model, args)[0] if args.ref_model else None
-        result = run_dpo(model, ref, tok, data, config, loss_type=args.loss_type, beta=args.beta,
-                         label_smoothing=args.label_smoothing, gamma=args.gamma)
+        result = run_dpo(model, ref, tok, data, config)
     else:
         from ptcore.train.grpo import run_grpo
-        result = run_grpo(model, tok, data, config, group_size=args.group_size,
-                          temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                          num_iterations=args.num_iterations, kl_coef=args.kl_coef,
-                          loss_type=args.loss_type, epsilon_low=args.epsilon,
-                          epsilon_high=args.epsilon_high, **_rollout_kwargs(args))
+        result = run_grpo(model, tok, data, config)
     last = result.metrics[-1] if result.metrics else {}
     if _rank() == 0:
         print(f"ptcore {kind}: {result.step} steps, final loss {last.get('loss', float('nan')):.4f}; "
-              f"metrics in {Path(args.output) / 'metrics.jsonl'}"
+              f"metrics in {Path(config.output_dir) / 'metrics.jsonl'}"
               + (f"; model in {result.final_dir}" if result.final_dir else ""), file=sys.stderr)
     return 0

@@ -1,92 +1,102 @@
-"""The options every objective shares, and what a run returns."""
+"""Every training option, declared once, and what a run returns.
+
+:class:`TrainConfig` holds the options of the shared loop; :class:`SFTConfig`, :class:`DPOConfig`
+and :class:`GRPOConfig` add each objective's own (subclasses, as transformers'
+``TrainingArguments`` and TRL's configs are). Each field carries its help text in
+``metadata["help"]``: ``ptcore sft|dpo|grpo`` parses these same dataclasses with transformers'
+``HfArgumentParser``, so a field is a flag (``lr`` -> ``--lr``, ``batch_size`` -> ``--batch-size``)
+with that help, and ``metadata`` may add ``aliases`` (a flag's older spelling) and ``choices``.
+
+Every option is checked when the config is built, before any work: a bad one raises
+``ValueError`` (``TypeError`` for some wrong types) naming it, non-finite numbers included
+(``lr=inf`` or ``weight_decay=nan`` would train on NaN). The loop's options report as
+``TrainConfig``'s, each objective's own as its run function's (``run_grpo: 'kl_coef' ...``).
+"""
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
+
+import torch
 
 from ptcore.ops import checks
+from ptcore.ops.advantages import ESTIMATORS, SCALES
+from ptcore.ops.policy import AGGREGATION, KL_ESTIMATORS, ROLLOUT_CORRECTIONS
+from ptcore.ops.preference import LOSS_TYPES as DPO_LOSS_TYPES
 
 MAX_LR = 1.0
+ROLLOUTS = ("engine", "hf")
+
+
+def option(default, help: str, **cli):
+    """A config field: its default, its help text (also the CLI's), and argparse extras for the
+    CLI (``aliases``, ``choices``, ``action``). A list default is copied per instance."""
+    meta = {"help": help, **cli}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. diverged: too many non-finite steps in a row); says why."""
 
 
+def _int(op, name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{op}: '{name}' must be an int >= {low}, got {value!r}")
+    return value
+
+
 @dataclass
 class TrainConfig:
-    """Options of the shared loop (:mod:`ptcore.train.loop`).
-
-    Args:
-        output_dir: where ``metrics.jsonl``, ``checkpoints/`` and ``final/`` go.
-        max_steps: optimizer steps.
-        batch_size: examples per micro-batch on each rank (SFT: examples, packed or not -- with
-            packing, each micro-batch's examples go into rows of ``max_length`` tokens, as TRL
-            counts them; DPO: pairs; GRPO: prompts, each with ``group_size`` completions).
-        grad_accum: micro-batches per optimizer step on each rank. The global batch of a step is
-            ``batch_size * grad_accum * world_size`` examples, and the loss is normalized by the
-            global count over all of them, so any split gives the same step.
-        lr, warmup_steps, weight_decay, min_lr_ratio: AdamW with linear warmup, then cosine decay
-            from ``lr`` to ``min_lr_ratio * lr`` at ``max_steps``.
-        max_grad_norm: gradient clipping (0 or None: no clipping; the norm is still logged).
-        max_length: longest tokenized example (prompt + completion).
-        overflow: what to do with a longer example: ``"truncate"`` or ``"skip"`` (counted and
-            printed either way).
-        seed: seeds the model-independent randomness (data order, sampling).
-        log_every: print a metrics line every this many steps (metrics.jsonl gets every step).
-        save_every: checkpoint every this many steps (0: only at the end); keep_checkpoints: how
-            many to keep.
-        resume: continue from the latest checkpoint in ``output_dir`` (if any).
-        progress: tqdm progress bar.
-        bf16: autocast to bfloat16 on a GPU (never on the CPU); None = on when the model is on CUDA.
-        strategy: under ``torchrun``: ``"ddp"`` or ``"fsdp"`` (FSDP2 ``fully_shard``).
-        save_final: save the trained model (and tokenizer) to ``output_dir/final``.
-        max_consecutive_skips: a step whose loss or gradient norm is not finite is skipped (no
-            update; counted in ``metrics.jsonl`` as ``skipped``); this many skips in a row stop
-            the run with :class:`TrainingError` (default 3). A model with a non-finite weight is
-            never saved (neither a checkpoint nor ``final/``).
-
-    Every option is checked here, before any work: a bad one raises ``ValueError`` naming it
-    (non-finite numbers included: ``lr=inf`` or ``weight_decay=nan`` would train on NaN).
-    """
-    output_dir: str = "ptcore-run"
-    max_steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    min_lr_ratio: float = 0.0
-    max_grad_norm: Optional[float] = 1.0
-    max_length: int = 512
-    overflow: str = "truncate"
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    resume: bool = False
-    progress: bool = True
-    bf16: Optional[bool] = None
-    strategy: str = "ddp"
-    save_final: bool = True
-    max_consecutive_skips: int = 3
+    """Options of the shared loop (:mod:`ptcore.train.loop`): AdamW with linear warmup, then
+    cosine decay from ``lr`` to ``min_lr_ratio * lr`` at ``max_steps``; one help text per field."""
+    output_dir: str = option("ptcore-run", "where metrics.jsonl, checkpoints/ and final/ go",
+                             aliases=["--output"])
+    max_steps: int = option(100, "optimizer steps")
+    batch_size: int = option(8, "examples per micro-batch on each rank (SFT: examples, packed or not, "
+                             "as TRL counts them; DPO: pairs; GRPO: prompts, each with group_size "
+                             "completions)")
+    grad_accum: int = option(1, "micro-batches per optimizer step on each rank; the loss is normalized "
+                             "by the global count over batch_size * grad_accum * world_size examples, "
+                             "so any split gives the same step")
+    lr: float = option(1e-4, "peak learning rate of AdamW (0 < lr <= 1)")
+    warmup_steps: int = option(0, "steps of linear warmup from 0 to lr")
+    weight_decay: float = option(0.0, "AdamW weight decay (not on 1-D parameters); lr * weight_decay <= 1")
+    min_lr_ratio: float = option(0.0, "the cosine decay ends at min_lr_ratio * lr at max_steps")
+    max_grad_norm: Optional[float] = option(1.0, "gradient clipping norm (0 or None: no clipping; the "
+                                            "norm is logged either way)")
+    max_length: int = option(512, "longest tokenized example (prompt + completion)")
+    overflow: str = option("truncate", "what to do with a longer example (counted and printed either "
+                           "way)", choices=("truncate", "skip"))
+    seed: int = option(0, "seeds the model-independent randomness (data order, sampling)")
+    log_every: int = option(10, "print a metrics line every this many steps (metrics.jsonl gets "
+                            "every step)")
+    save_every: int = option(0, "checkpoint every this many steps (0: only at the end)")
+    keep_checkpoints: int = option(2, "how many checkpoints to keep")
+    resume: bool = option(False, "continue from the latest checkpoint in output_dir (if any)")
+    progress: bool = option(True, "tqdm progress bar (off: print metrics lines)")
+    bf16: Optional[bool] = option(None, "autocast to bfloat16 on a GPU, never on the CPU (None: on when "
+                                  "the model is on CUDA)")
+    strategy: str = option("ddp", "under torchrun: ddp, or fsdp (FSDP2 fully_shard)",
+                           choices=("ddp", "fsdp"))
+    save_final: bool = option(True, "save the trained model (and tokenizer) to output_dir/final")
+    max_consecutive_skips: int = option(3, "a step whose loss or gradient norm is not finite is skipped "
+                                        "(no update, counted as skipped in metrics.jsonl); this many "
+                                        "in a row stop the run with TrainingError. A model with a "
+                                        "non-finite weight is never saved")
 
     def __post_init__(self):
-        ints = dict(max_steps=1, batch_size=1, grad_accum=1, max_length=2, log_every=1,
-                    max_consecutive_skips=1)
-        for name, low in ints.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"TrainConfig: '{name}' must be an int >= {low}, got {value!r}")
-        for name in ("warmup_steps", "save_every", "seed", "keep_checkpoints"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"TrainConfig: '{name}' must be an int >= 0, got {value!r}")
+        op = "TrainConfig"
+        for name, low in dict(max_steps=1, batch_size=1, grad_accum=1, max_length=2, log_every=1,
+                              max_consecutive_skips=1, warmup_steps=0, save_every=0, seed=0,
+                              keep_checkpoints=0).items():
+            _int(op, name, getattr(self, name), low)
         if self.seed >= 2**64:
             raise ValueError(f"TrainConfig: 'seed' must be < 2**64, got {self.seed!r}")
-        op = "TrainConfig"
         # AdamW moves each weight by about lr a step: lr > 1 (or inf, nan) only makes NaN.
         self.lr = checks.number(op, "lr", self.lr, low=0, low_open=True, high=MAX_LR)
         self.weight_decay = checks.number(op, "weight_decay", self.weight_decay, low=0)
@@ -109,6 +119,179 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @staticmethod
+    def legacy_options(options: dict) -> dict:
+        """Keyword options of the API before the configs, by today's field names."""
+        return options
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """:func:`ptcore.train.run_sft`'s options: the loop's, and how examples become rows."""
+    packing: bool = option(True, "pack each micro-batch's examples into rows of max_length tokens, "
+                           "nothing crossing between examples (off: pad each example to a row)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.flag("run_sft", "packing", self.packing)
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """:func:`ptcore.train.run_dpo`'s options: the loop's, and the preference loss's
+    (:func:`ptcore.ops.dpo_loss`)."""
+    loss_type: Union[str, list[str]] = option(
+        "sigmoid", "the DPO-family loss, or several of them (summed with loss_weights); simpo and "
+        "orpo need no reference", choices=DPO_LOSS_TYPES)
+    beta: float = option(0.1, "the inverse temperature of the implicit reward")
+    label_smoothing: float = option(0.0, "the assumed rate of flipped preference labels (sigmoid, "
+                                    "robust)")
+    gamma: float = option(0.5, "simpo's target reward margin")
+    orpo_lambda: float = option(1.0, "orpo's weight of the odds-ratio term")
+    loss_weights: Optional[list[float]] = option(None, "one weight per loss in loss_type (a list)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.loss_type, (list, tuple)) and len(self.loss_type) == 1 and self.loss_weights is None:
+            self.loss_type = self.loss_type[0]  # the CLI's --loss-type X: one loss, as the string X
+        # The loss checks its own options: on a one-pair dummy batch, under run_dpo's name.
+        from ptcore.ops import dpo_loss
+        z = torch.zeros(1, dtype=torch.float64)
+        one = torch.ones(1, dtype=torch.float64)
+        with checks.as_op("run_dpo", "dpo_loss"):
+            dpo_loss(z - 1, z - 1, z - 1, z - 1, beta=self.beta, loss_type=self.loss_type,
+                     label_smoothing=self.label_smoothing, chosen_lengths=one, rejected_lengths=one,
+                     gamma=self.gamma, orpo_lambda=self.orpo_lambda, loss_weights=self.loss_weights)
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """:func:`ptcore.train.run_grpo`'s options: the loop's, the rollout's and the policy loss's
+    (:func:`ptcore.ops.policy_loss`). A new loss option is a field here, its check in
+    ``__post_init__``, and its entry in :meth:`loss_options`."""
+    # -- rollout ------------------------------------------------------------------------------
+    group_size: int = option(8, "completions sampled per prompt (>= 2: group statistics)")
+    temperature: float = option(1.0, "sampling temperature; the loss's log-probs are the tempered "
+                                "distribution's")
+    max_new_tokens: int = option(64, "longest completion")
+    max_prompt_length: Optional[int] = option(None, "longest prompt (None: max_length - max_new_tokens)")
+    top_k: int = option(0, "truncated sampling: the top k tokens (0: off)")
+    top_p: float = option(1.0, "truncated sampling: the nucleus of mass top_p (1: off)")
+    rollout: str = option("engine", "sample on ptcore.engine over the policy's own parameters, or "
+                          "with HF generate", choices=ROLLOUTS)
+    stop_strings: list[str] = option([], "strings that end a completion (engine rollouts; repeatable)",
+                                     aliases=["--stop-string"], action="extend")
+    engine_max_tokens: Optional[int] = option(None, "the engine's KV cache in tokens (None: "
+                                              "max(4096, twice one group))")
+    num_iterations: int = option(1, "optimizer steps per rollout (PPO-style reuse)")
+    # -- rewards and advantages ---------------------------------------------------------------
+    reward_weights: Optional[list[float]] = option(None, "one weight per reward function (None: all 1)")
+    estimator: str = option("grpo", "group advantage estimator", choices=ESTIMATORS)
+    scale_rewards: str = option("group", "advantages divided by the std of the group, of the batch, or "
+                                "not at all", choices=SCALES)
+    # -- policy loss --------------------------------------------------------------------------
+    loss_type: str = option("dapo", "the policy loss and its aggregation", choices=tuple(AGGREGATION))
+    epsilon_low: float = option(0.2, "lower clip of the ratio, 1 - epsilon_low", aliases=["--epsilon"])
+    epsilon_high: Optional[float] = option(None, "upper clip of the ratio, 1 + epsilon_high (None: "
+                                           "epsilon_low)")
+    kl_coef: float = option(0.0, "weight of the KL to the reference (the loss's beta); > 0 loads a "
+                            "frozen copy of the initial model")
+    kl_estimator: str = option("k3", "KL estimator", choices=KL_ESTIMATORS)
+    rollout_correction: Optional[str] = option(None, "importance weight of the sampler/trainer "
+                                               "mismatch (TRL's vllm_importance_sampling_mode)",
+                                               choices=ROLLOUT_CORRECTIONS)
+    rollout_clip_min: Optional[float] = option(None, "lower bound of that weight (None: none)")
+    rollout_clip_max: Optional[float] = option(3.0, "upper bound of that weight (None: none; mask modes)")
+    off_policy_threshold: Optional[float] = option(None, "OPSM: drop negative-advantage sequences "
+                                                   "whose mean sampler-minus-trainer log-prob exceeds it")
+    deterministic: bool = option(False, "batch-invariant trainer log-probs (linear_logprobs "
+                                 "deterministic=True)")
+
+    @staticmethod
+    def legacy_options(options: dict) -> dict:
+        """The old keyword ``rollout_clip=(min, max)`` is two fields now."""
+        if "rollout_clip" in options:
+            clip = options.pop("rollout_clip")
+            if not isinstance(clip, (tuple, list)) or len(clip) != 2:
+                raise ValueError(f"run_grpo: 'rollout_clip' must be a pair (min, max) of numbers or "
+                                 f"None, got {clip!r}")
+            options["rollout_clip_min"], options["rollout_clip_max"] = clip
+        return options
+
+    @property
+    def rollout_clip(self) -> tuple:
+        return (self.rollout_clip_min, self.rollout_clip_max)
+
+    def loss_options(self) -> dict:
+        """The keyword arguments of :func:`ptcore.ops.policy_loss` / ``linear_policy_loss``."""
+        return dict(epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
+                    beta=float(self.kl_coef), kl_estimator=self.kl_estimator,
+                    rollout_correction=self.rollout_correction, rollout_clip=self.rollout_clip,
+                    off_policy_threshold=self.off_policy_threshold)
+
+    def __post_init__(self):
+        super().__post_init__()
+        from ptcore.ops.policy import check_rollout_options
+        from ptcore.ops.rows import MIN_TEMPERATURE  # the fused log-prob ops' bound
+        op = "run_grpo"
+        _int(op, "group_size", self.group_size, 2)  # group statistics need two completions
+        _int(op, "max_new_tokens", self.max_new_tokens, 1)
+        _int(op, "num_iterations", self.num_iterations, 1)
+        if self.max_prompt_length is not None:
+            _int(op, "max_prompt_length", self.max_prompt_length, 1)
+        checks.number(op, "temperature", self.temperature, low=MIN_TEMPERATURE)
+        checks.number(op, "kl_coef", self.kl_coef, low=0)
+        checks.number(op, "epsilon_low", self.epsilon_low, low=0, high=1)
+        if self.epsilon_high is not None:
+            checks.number(op, "epsilon_high", self.epsilon_high, low=0)
+        checks.choice(op, "loss_type", self.loss_type, tuple(AGGREGATION))
+        checks.choice(op, "estimator", self.estimator, ESTIMATORS)
+        checks.choice(op, "scale_rewards", self.scale_rewards, SCALES)
+        checks.choice(op, "kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        checks.choice(op, "rollout", self.rollout, ROLLOUTS)
+        check_rollout_options(op, self.rollout_correction, self.rollout_clip, self.off_policy_threshold)
+        s = self.stop_strings
+        if not isinstance(s, (list, tuple)) or not all(isinstance(x, str) and x for x in s):
+            raise ValueError(f"{op}: 'stop_strings' must be a list of non-empty strings, got {s!r}")
+        if s and self.rollout != "engine":
+            raise ValueError(f"{op}: 'stop_strings' need rollout='engine' (HF generate's stop strings "
+                             f"need its tokenizer object), got rollout={self.rollout!r}")
+        if self.engine_max_tokens is not None:
+            _int(op, "engine_max_tokens", self.engine_max_tokens, 1)
+        checks.integer(op, "top_k", self.top_k, low=0)
+        checks.number(op, "top_p", self.top_p, low=0, low_open=True, high=1)
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"{op}: 'deterministic' must be a bool, got {self.deterministic!r}")
+        if self.reward_weights is not None:
+            if not isinstance(self.reward_weights, (list, tuple)):
+                raise ValueError(f"{op}: 'reward_weights' must be a list of numbers, got "
+                                 f"{self.reward_weights!r}")
+            self.reward_weights = [checks.number(op, "reward_weights", w) for w in self.reward_weights]
+
+
+def objective_config(cls, config, options: dict, op: str):
+    """The ``cls`` config a run function works with: ``config`` itself, or a plain
+    :class:`TrainConfig` completed with the objective's defaults; ``options`` are the loose
+    keyword options of the API before the configs, still applied for one release with a
+    DeprecationWarning."""
+    if not isinstance(config, cls):
+        if type(config) is not TrainConfig:
+            raise TypeError(f"{op}: 'config' must be a {cls.__name__} (or a TrainConfig), got "
+                            f"{type(config).__name__}")
+        config = cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)})
+    if options:
+        given = ", ".join(sorted(options))
+        options = cls.legacy_options(dict(options))
+        names = {f.name for f in dataclasses.fields(cls)} - {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"{op}() got an unexpected keyword argument {unknown[0]!r}")
+        warnings.warn(f"{op}: passing {given} as keyword arguments is deprecated "
+                      f"and will be removed in the next release; set them in the {cls.__name__}",
+                      DeprecationWarning, stacklevel=3)
+        config = dataclasses.replace(config, **options)
+    return config
 
 
 @dataclass

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ptcore.ops import dpo_loss, linear_dpo_loss, linear_logprobs
+from ptcore.ops import linear_dpo_loss, linear_logprobs
 from ptcore.ops.preference import REFERENCE_FREE
 from ptcore.train import data as D
-from ptcore.train.config import TrainConfig, TrainResult
+from ptcore.train.config import DPOConfig, TrainResult, objective_config
 from ptcore.train.distributed import unwrap
 from ptcore.train.loop import _autocast, train
 from ptcore.train.objective import BaseObjective, head_of, patch, shift_targets
@@ -54,16 +54,17 @@ def sequence_logps(model, batch, *, bf16=None) -> torch.Tensor:
 class DPOObjective(BaseObjective):
     name = "dpo"
 
-    def __init__(self, pairs, tokenizer, config: TrainConfig, *, ref_model=None, loss_type="sigmoid",
-                 beta: float = 0.1, label_smoothing: float = 0.0, gamma: float = 0.5,
-                 orpo_lambda: float = 1.0, loss_weights=None, ref_batch_size: int = None):
+    def __init__(self, pairs, tokenizer, config: DPOConfig, *, ref_model=None, ref_batch_size: int = None,
+                 **deprecated_options):
+        # the objective's own options; the loop's stay those of the config given
+        c = objective_config(DPOConfig, config, deprecated_options, "DPOObjective")
         super().__init__(pairs, config)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.ref_model = ref_model
-        types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+        types = [c.loss_type] if isinstance(c.loss_type, str) else list(c.loss_type)
         self.needs_ref = any(t not in REFERENCE_FREE for t in types)
-        self.opts = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
-                         orpo_lambda=orpo_lambda, loss_weights=loss_weights)
+        self.opts = dict(beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing, gamma=c.gamma,
+                         orpo_lambda=c.orpo_lambda, loss_weights=c.loss_weights)
         self.ref_batch_size = ref_batch_size or config.batch_size
         self.ref_logps = None  # [n, 2]: chosen, rejected per pair index
         self.ref_forward_tokens = 0
@@ -153,32 +154,16 @@ class DPOObjective(BaseObjective):
         return 0.0
 
 
-def check_options(*, loss_type="sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
-                  gamma: float = 0.5, orpo_lambda: float = 1.0, loss_weights=None) -> None:
-    """Raises ValueError / TypeError naming a bad DPO option, before any work (the reference
-    pass, the data): the loss itself checks them on a one-pair dummy batch."""
-    z = torch.zeros(1, dtype=torch.float64)
-    one = torch.ones(1, dtype=torch.float64)
-    try:
-        dpo_loss(z - 1, z - 1, z - 1, z - 1, beta=beta, loss_type=loss_type,
-                 label_smoothing=label_smoothing, chosen_lengths=one, rejected_lengths=one,
-                 gamma=gamma, orpo_lambda=orpo_lambda, loss_weights=loss_weights)
-    except (ValueError, TypeError) as e:
-        raise type(e)(str(e).replace("dpo_loss:", "run_dpo:", 1)) from None
-
-
-def run_dpo(model, ref_model, tokenizer, data, config: TrainConfig, *, loss_type="sigmoid",
-            beta: float = 0.1, label_smoothing: float = 0.0, gamma: float = 0.5,
-            orpo_lambda: float = 1.0, loss_weights=None) -> TrainResult:
+def run_dpo(model, ref_model, tokenizer, data, config: DPOConfig, **deprecated_options) -> TrainResult:
     """DPO-family training of ``model`` on ``data`` (jsonl path or list of dicts with ``prompt``,
     ``chosen``, ``rejected``). ``ref_model`` None: the reference is ``model`` before training.
-    ``loss_type``: any of :data:`ptcore.ops.preference.LOSS_TYPES` or a list (with
-    ``loss_weights``); simpo and orpo need no reference. Every option is checked first."""
-    check_options(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
-                  orpo_lambda=orpo_lambda, loss_weights=loss_weights)
+    ``config``: a :class:`DPOConfig` (``loss_type``: any of :data:`ptcore.ops.preference.LOSS_TYPES`
+    or a list, with ``loss_weights``; simpo and orpo need no reference); a plain
+    :class:`TrainConfig` takes the DPO defaults. Every option is checked when the config is
+    built, before any work. The old keyword options (``beta=`` ...) still work for one release,
+    with a DeprecationWarning."""
+    config = objective_config(DPOConfig, config, deprecated_options, "run_dpo")
     records = D.load_records(data, "dpo")
     pairs = D.pair_examples(records, tokenizer, config.max_length, config.overflow)
-    objective = DPOObjective(pairs, tokenizer, config, ref_model=ref_model, loss_type=loss_type, beta=beta,
-                             label_smoothing=label_smoothing, gamma=gamma, orpo_lambda=orpo_lambda,
-                             loss_weights=loss_weights)
+    objective = DPOObjective(pairs, tokenizer, config, ref_model=ref_model)
     return train(model, objective, config, tokenizer=tokenizer)

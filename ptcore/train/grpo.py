@@ -29,7 +29,7 @@ import torch
 from ptcore.ops import group_advantages, linear_logprobs, linear_policy_loss, policy_loss
 from ptcore.ops.policy import AGGREGATION
 from ptcore.train import data as D
-from ptcore.train.config import TrainConfig, TrainResult
+from ptcore.train.config import GRPOConfig, TrainResult, objective_config
 from ptcore.train.distributed import unwrap
 from ptcore.train.loop import _autocast, count_parameters, train
 from ptcore.train.objective import BaseObjective, head_of, patch
@@ -52,102 +52,42 @@ def completion_mask(completions: torch.Tensor, eos_id, pad_id) -> torch.Tensor:
     return (~after).long()
 
 
-def _int(op, name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{op}: '{name}' must be an int >= {low}, got {value!r}")
-    return value
-
-
-def check_options(*, reward_fns=(answer_reward,), reward_weights=None, group_size=8, temperature=1.0,
-                  max_new_tokens=64, num_iterations=1, kl_coef=0.0, loss_type="dapo",
-                  epsilon_low=0.2, epsilon_high=None, estimator="grpo", scale_rewards="group",
-                  kl_estimator="k3", rollout="engine", rollout_correction=None, rollout_clip=(None, 3.0),
-                  off_policy_threshold=None, stop_strings=(), engine_max_tokens=None,
-                  deterministic=False, top_k=0, top_p=1.0):
-    """Raises ValueError / TypeError naming a bad GRPO option (by run_grpo's names: ``kl_coef``,
-    not the loss's ``beta``), before any work. Returns (reward functions, their weights)."""
-    from ptcore.ops import checks
-    from ptcore.ops.advantages import ESTIMATORS, SCALES
-    from ptcore.ops.policy import KL_ESTIMATORS
+def reward_functions(reward_fns, reward_weights) -> tuple[list, list]:
+    """(reward functions, their weights), checked: ``reward_fns`` a callable or a non-empty list
+    of them, ``reward_weights`` (the config's) None or one number per function."""
     op = "run_grpo"
-    _int(op, "group_size", group_size, 2)  # group statistics need two completions
-    _int(op, "max_new_tokens", max_new_tokens, 1)
-    _int(op, "num_iterations", num_iterations, 1)
-    from ptcore.ops.rows import MIN_TEMPERATURE  # the fused log-prob ops' bound, checked here before any rollout
-    checks.number(op, "temperature", temperature, low=MIN_TEMPERATURE)
-    checks.number(op, "kl_coef", kl_coef, low=0)
-    checks.number(op, "epsilon_low", epsilon_low, low=0, high=1)
-    if epsilon_high is not None:
-        checks.number(op, "epsilon_high", epsilon_high, low=0)
-    checks.choice(op, "loss_type", loss_type, tuple(AGGREGATION))
-    checks.choice(op, "estimator", estimator, ESTIMATORS)
-    checks.choice(op, "scale_rewards", scale_rewards, SCALES)
-    checks.choice(op, "kl_estimator", kl_estimator, KL_ESTIMATORS)
-    checks.choice(op, "rollout", rollout, ROLLOUTS)
-    from ptcore.ops.policy import check_rollout_options
-    check_rollout_options(op, rollout_correction, rollout_clip, off_policy_threshold)
-    if (not isinstance(stop_strings, (list, tuple))
-            or not all(isinstance(x, str) and x for x in stop_strings)):
-        raise ValueError(f"{op}: 'stop_strings' must be a list of non-empty strings, got {stop_strings!r}")
-    if stop_strings and rollout != "engine":
-        raise ValueError(f"{op}: 'stop_strings' need rollout='engine' (HF generate's stop strings "
-                         f"need its tokenizer object), got rollout={rollout!r}")
-    if engine_max_tokens is not None:
-        _int(op, "engine_max_tokens", engine_max_tokens, 1)
-    checks.integer(op, "top_k", top_k, low=0)
-    checks.number(op, "top_p", top_p, low=0, low_open=True, high=1)
-    if not isinstance(deterministic, bool):
-        raise ValueError(f"{op}: 'deterministic' must be a bool, got {deterministic!r}")
     fns = list(reward_fns) if isinstance(reward_fns, (list, tuple)) else [reward_fns]
     if not fns or not all(callable(f) for f in fns):
         raise ValueError(f"{op}: 'reward_fns' must be a callable or a non-empty list of callables")
     weights = list(reward_weights) if reward_weights is not None else [1.0] * len(fns)
     if len(weights) != len(fns):
         raise ValueError(f"{op}: 'reward_weights' needs one weight per reward function")
-    weights = [checks.number(op, "reward_weights", w) for w in weights]
     return fns, weights
-
-
-ROLLOUTS = ("engine", "hf")
 
 
 class GRPOObjective(BaseObjective):
     name = "grpo"
 
-    def __init__(self, prompts, tokenizer, config: TrainConfig, *, reward_fns, reward_weights=None,
-                 group_size: int = 8, temperature: float = 1.0, max_new_tokens: int = 64,
-                 num_iterations: int = 1, kl_coef: float = 0.0, ref_model=None, loss_type: str = "dapo",
-                 epsilon_low: float = 0.2, epsilon_high=None, estimator: str = "grpo",
-                 scale_rewards: str = "group", kl_estimator: str = "k3", rollout: str = "engine",
-                 rollout_correction=None, rollout_clip=(None, 3.0), off_policy_threshold=None,
-                 stop_strings=(), engine_max_tokens=None, deterministic: bool = False,
-                 top_k: int = 0, top_p: float = 1.0):
+    def __init__(self, prompts, tokenizer, config: GRPOConfig, *, reward_fns, ref_model=None,
+                 **deprecated_options):
+        # the objective's own options; the loop's stay those of the config given
+        c = objective_config(GRPOConfig, config, deprecated_options, "GRPOObjective")
         super().__init__(prompts, config)
-        fns, weights = check_options(
-            reward_fns=reward_fns, reward_weights=reward_weights, group_size=group_size,
-            temperature=temperature, max_new_tokens=max_new_tokens, num_iterations=num_iterations,
-            kl_coef=kl_coef, loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-            estimator=estimator, scale_rewards=scale_rewards, kl_estimator=kl_estimator,
-            rollout=rollout, rollout_correction=rollout_correction, rollout_clip=rollout_clip,
-            off_policy_threshold=off_policy_threshold, stop_strings=stop_strings,
-            engine_max_tokens=engine_max_tokens, deterministic=deterministic, top_k=top_k, top_p=top_p)
-        self.top_k, self.top_p = top_k, float(top_p)
-        self.rollout_kind, self.stop_strings = rollout, tuple(stop_strings)
-        self.engine_max_tokens, self.deterministic = engine_max_tokens, deterministic
+        fns, weights = reward_functions(reward_fns, c.reward_weights)
+        self.top_k, self.top_p = c.top_k, float(c.top_p)
+        self.rollout_kind, self.stop_strings = c.rollout, tuple(c.stop_strings)
+        self.engine_max_tokens, self.deterministic = c.engine_max_tokens, c.deterministic
         self.engine = None
         self._rollout_for = 0
-        self.rollout_opts = dict(rollout_correction=rollout_correction, rollout_clip=tuple(rollout_clip),
-                                 off_policy_threshold=off_policy_threshold)
         self.reward_fns = fns
         self.reward_weights = weights
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
-        self.G, self.temperature, self.max_new_tokens = group_size, float(temperature), max_new_tokens
-        self.num_iterations, self.kl_coef, self.loss_type = num_iterations, float(kl_coef), loss_type
-        self.loss_opts = dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
-                              beta=float(kl_coef), kl_estimator=kl_estimator)
-        self.estimator, self.scale_rewards = estimator, scale_rewards
+        self.G, self.temperature, self.max_new_tokens = c.group_size, float(c.temperature), c.max_new_tokens
+        self.num_iterations, self.kl_coef, self.loss_type = c.num_iterations, float(c.kl_coef), c.loss_type
+        self.loss_opts = c.loss_options()  # policy_loss's keywords: clip, KL, rollout correction
+        self.estimator, self.scale_rewards = c.estimator, c.scale_rewards
         self.ref_model = ref_model
         self.rollout = None        # this rank's micro-batches of the current rollout
         self.rollout_step = None   # the optimizer step that made it
@@ -451,12 +391,11 @@ class GRPOObjective(BaseObjective):
                 return policy_loss(logp, mb["old_logps"], mb["advantages"], mb["mask"],
                                    ref_logps=mb.get("ref_logps"), normalizer=float(max(global_units, 1)),
                                    entropy=ent, sampling_logps=mb.get("sampling_logps"),
-                                   **self.rollout_opts, **self.loss_opts)
+                                   **self.loss_opts)
             return linear_policy_loss(hidden, weight, mb["target"], mb["old_logps"], mb["advantages"],
                                       mb["mask"], ref_logps=mb.get("ref_logps"), softcap=softcap,
                                       temperature=self.temperature, normalizer=float(max(global_units, 1)),
-                                      sampling_logps=mb.get("sampling_logps"), **self.rollout_opts,
-                                      **self.loss_opts)
+                                      sampling_logps=mb.get("sampling_logps"), **self.loss_opts)
 
         out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
                     position_ids=mb["position_ids"], head_loss=head, use_cache=False)
@@ -487,17 +426,11 @@ def require_answers(records) -> None:
                               "answer reward compares completions with it)")
 
 
-def run_grpo(model, tokenizer, data, config: TrainConfig, *, reward_fns=(answer_reward,),
-             reward_weights=None, group_size: int = 8, temperature: float = 1.0,
-             max_new_tokens: int = 64, num_iterations: int = 1, kl_coef: float = 0.0,
-             ref_model=None, loss_type: str = "dapo", epsilon_low: float = 0.2, epsilon_high=None,
-             estimator: str = "grpo", scale_rewards: str = "group",
-             max_prompt_length: int = None, rollout: str = "engine", rollout_correction=None,
-             rollout_clip=(None, 3.0), off_policy_threshold=None, stop_strings=(),
-             engine_max_tokens=None, deterministic: bool = False, top_k: int = 0,
-             top_p: float = 1.0) -> TrainResult:
+def run_grpo(model, tokenizer, data, config: GRPOConfig, *, reward_fns=(answer_reward,), ref_model=None,
+             **deprecated_options) -> TrainResult:
     """GRPO on ``data`` (jsonl path or list of dicts with ``prompt`` and, for the built-in reward,
-    ``answer``). ``config.batch_size`` counts prompts; each gets ``group_size`` completions.
+    ``answer``). ``config``: a :class:`GRPOConfig` (a plain :class:`TrainConfig` takes the GRPO
+    defaults); ``config.batch_size`` counts prompts; each gets ``group_size`` completions.
     ``loss_type`` is any of :func:`ptcore.ops.policy_loss`'s (default dapo: token-mean over the
     whole optimizer step); ``kl_coef > 0`` adds the KL to ``ref_model`` (default: a frozen copy of
     the initial model). Every option is checked first; with the built-in :func:`answer_reward`,
@@ -515,28 +448,14 @@ def run_grpo(model, tokenizer, data, config: TrainConfig, *, reward_fns=(answer_
     ``linear_logprobs(deterministic=True)``. ``top_k`` / ``top_p`` truncate the sampling (engine or
     generate); the trainer's log-probs (old, current, reference) are then the truncated
     distribution's, renormalized over the kept set (``linear_logprobs(top_k=, top_p=)``), and the
-    loss runs unfused on them."""
-    check_options(reward_fns=reward_fns, reward_weights=reward_weights, group_size=group_size,
-                  temperature=temperature, max_new_tokens=max_new_tokens,
-                  num_iterations=num_iterations, kl_coef=kl_coef, loss_type=loss_type,
-                  epsilon_low=epsilon_low, epsilon_high=epsilon_high, estimator=estimator,
-                  scale_rewards=scale_rewards, rollout=rollout, rollout_correction=rollout_correction,
-                  rollout_clip=rollout_clip, off_policy_threshold=off_policy_threshold,
-                  stop_strings=stop_strings, engine_max_tokens=engine_max_tokens,
-                  deterministic=deterministic, top_k=top_k, top_p=top_p)
+    loss runs unfused on them. The old keyword options (``group_size=`` ...; ``rollout_clip=(min,
+    max)`` for the two clip fields) still work for one release, with a DeprecationWarning."""
+    config = objective_config(GRPOConfig, config, deprecated_options, "run_grpo")
+    fns, _ = reward_functions(reward_fns, config.reward_weights)
     records = D.load_records(data, "grpo")
-    fns = list(reward_fns) if isinstance(reward_fns, (list, tuple)) else [reward_fns]
     if answer_reward in fns:
         require_answers(records)
-    limit = max_prompt_length or max(1, config.max_length - max_new_tokens)
+    limit = config.max_prompt_length or max(1, config.max_length - config.max_new_tokens)
     prompts = D.prompt_examples(records, tokenizer, limit, config.overflow)
-    objective = GRPOObjective(prompts, tokenizer, config, reward_fns=reward_fns, reward_weights=reward_weights,
-                              group_size=group_size, temperature=temperature, max_new_tokens=max_new_tokens,
-                              num_iterations=num_iterations, kl_coef=kl_coef, ref_model=ref_model,
-                              loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                              estimator=estimator, scale_rewards=scale_rewards, rollout=rollout,
-                              rollout_correction=rollout_correction, rollout_clip=rollout_clip,
-                              off_policy_threshold=off_policy_threshold, stop_strings=stop_strings,
-                              engine_max_tokens=engine_max_tokens, deterministic=deterministic,
-                              top_k=top_k, top_p=top_p)
+    objective = GRPOObjective(prompts, tokenizer, config, reward_fns=fns, ref_model=ref_model)
     return train(model, objective, config, tokenizer=tokenizer)

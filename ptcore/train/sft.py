@@ -15,7 +15,7 @@ import importlib.util
 import torch
 
 from ptcore.train import data as D
-from ptcore.train.config import TrainConfig, TrainResult
+from ptcore.train.config import SFTConfig, TrainResult, objective_config
 from ptcore.train.loop import train
 from ptcore.train.objective import BaseObjective
 
@@ -35,9 +35,11 @@ def use_flash_attention(model) -> bool:
 class SFTObjective(BaseObjective):
     name = "sft"
 
-    def __init__(self, examples, tokenizer, config: TrainConfig, *, packing: bool = True):
+    def __init__(self, examples, tokenizer, config: SFTConfig, **deprecated_options):
+        # the objective's own options; the loop's stay those of the config given
+        c = objective_config(SFTConfig, config, deprecated_options, "SFTObjective")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.packing, self.pad_id, self.max_length = packing, pad, config.max_length
+        self.packing, self.pad_id, self.max_length = c.packing, pad, config.max_length
         super().__init__(list(examples), config)  # items are examples: batch_size counts them
 
     def prepare_model(self, model) -> None:
@@ -77,20 +79,23 @@ class SFTObjective(BaseObjective):
         return out.loss, {}
 
 
-def run_sft(model, tokenizer, data, config: TrainConfig, *, packing: bool = True) -> TrainResult:
+def run_sft(model, tokenizer, data, config: SFTConfig, **deprecated_options) -> TrainResult:
     """Supervised fine-tuning of ``model`` on ``data`` (a jsonl path or a list of dicts with
     ``prompt``/``completion`` or ``messages``); the loss covers completions / assistant turns only.
+    ``config``: an :class:`SFTConfig` (a plain :class:`TrainConfig` takes the SFT defaults); the
+    old keyword ``packing=`` still works for one release, with a DeprecationWarning.
 
     Example:
-        >>> from ptcore.train import TrainConfig, run_sft
+        >>> from ptcore.train import SFTConfig, run_sft
         >>> from ptcore.train.tiny import load_model_and_tokenizer
         >>> model, tok = load_model_and_tokenizer("tiny")
         >>> rows = [{"prompt": "1+2=", "completion": "3"}] * 8
-        >>> res = run_sft(model, tok, rows, TrainConfig("/tmp/ptcore-sft", max_steps=2, batch_size=2,
+        >>> res = run_sft(model, tok, rows, SFTConfig("/tmp/ptcore-sft", max_steps=2, batch_size=2,
         ...               max_length=32, progress=False, save_final=False))
         >>> len(res.metrics)
         2
     """
+    config = objective_config(SFTConfig, config, deprecated_options, "run_sft")
     records = D.load_records(data, "sft")
     examples = D.sft_examples(records, tokenizer, config.max_length, config.overflow)
-    return train(model, SFTObjective(examples, tokenizer, config, packing=packing), config, tokenizer=tokenizer)
+    return train(model, SFTObjective(examples, tokenizer, config), config, tokenizer=tokenizer)
