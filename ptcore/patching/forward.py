@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ptcore.ops.cross_entropy import linear_cross_entropy
+from ptcore.patching import backbone
 
 # transformers is imported on first use, not by ``import ptcore`` (it takes about a second).
 
@@ -78,7 +79,8 @@ def fused_forward(model, *, labels=None, head_loss=None, logits_to_keep=0, retur
         _check_ids("labels", labels)
     from transformers.modeling_utils import slice_logits_to_keep
 
-    outputs = model.model(**kwargs)
+    with backbone.active(model):  # the fused norms, RoPE and MLP activations (backbone.py)
+        outputs = model.model(**kwargs)
     hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
     head = model.lm_head
     hidden, weight, bias = _autocast(hidden, head.weight, head.bias)
