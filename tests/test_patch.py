@@ -291,3 +291,121 @@ def test_autocast_bf16():
     assert rel_err(got, want) <= rel_err(base, want) + 1e-2
     for name in want_g:
         assert rel_err(got_g[name], want_g[name]) <= rel_err(base_g[name], want_g[name]) + 1e-2, name
+
+
+# ---- the fused backbone (backbone=True, the default): RMSNorm + residual, RoPE, SwiGLU / GeGLU ----
+
+from ptcore.patching import backbone as backbone_mod  # noqa: E402
+
+
+def _norm_class(arch):
+    module, name = SUPPORTED[arch]
+    import importlib
+    return getattr(importlib.import_module(module), name.removesuffix("ForCausalLM") + "RMSNorm")
+
+
+@pytest.fixture(autouse=True)
+def _float64_norms():
+    """Hugging Face's RMSNorm modules compute in fp32 whatever the input (``x.to(torch.float32)``),
+    so an unpatched float64 model is only fp32-accurate in its norms, and so would be every float64
+    oracle here. For float64 inputs outside ptcore's fused path they run the same formula in
+    float64 (Gemma's ``(1 + w)`` included); every other dtype runs Hugging Face's code as is."""
+    saved = {}
+    for arch in ARCHS:
+        backbone_mod.install(*SUPPORTED[arch])  # the backbone gate first: this wraps it, not under it
+        cls = _norm_class(arch)
+        prev = saved[cls] = cls.__dict__["forward"]
+        offset = 1.0 if arch == "gemma2" else 0.0
+
+        def forward(self, x, _prev=prev, _offset=offset):
+            if x.dtype != torch.float64 or backbone_mod.is_active():
+                return _prev(self, x)
+            eps = getattr(self, "variance_epsilon", getattr(self, "eps", None))
+            return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * (self.weight + _offset)
+
+        cls.forward = forward
+    yield
+    for cls, prev in saved.items():
+        cls.forward = prev
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the fused ops the patched layers call, by name."""
+    calls = {}
+    for name in ("rms_norm", "rope", "swiglu", "geglu"):
+        fn = getattr(backbone_mod, name)
+
+        def counted(*a, _fn=fn, _name=name, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*a, **k)
+
+        monkeypatch.setattr(backbone_mod, name, counted)
+    return calls
+
+
+def _expected_calls(arch, layers=2):
+    per_layer_norms = 4 if arch == "gemma2" else 2
+    per_layer_norms += 2 if arch == "qwen3" else 0  # q_norm, k_norm
+    act = "geglu" if arch == "gemma2" else "swiglu"
+    return {"rms_norm": per_layer_norms * layers + 1, "rope": layers, act: layers}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_backbone_float64_loss_and_grads_match_unpatched(arch, fused_calls):
+    """Patched (fused norms with the residual add, RoPE, gated MLP) against the unpatched model,
+    both float64: the loss and every parameter's gradient within 1e-10."""
+    ref = tiny_model(arch)
+    model = ptcore.patch(copy.deepcopy(ref))
+    ids, mask, labels = batch()
+    want, want_g = loss_and_grads(ref, reference_loss(ref, ids, mask, labels))  # HF's loss is fp32
+    assert not fused_calls  # the unpatched model runs Hugging Face's code
+    got, got_g = loss_and_grads(model, model(ids, attention_mask=mask, labels=labels).loss)
+    assert fused_calls == _expected_calls(arch)
+    assert rel_err(got, want) < 1e-10
+    assert got_g.keys() == want_g.keys() and len(got_g) == len(list(model.parameters()))
+    for name in want_g:
+        assert rel_err(got_g[name], want_g[name]) < 1e-10, name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_backbone_fp32_within_tolerance(arch, fused_calls):
+    """fp32 patched model vs the float64 model under the tolerance rule, the naive baseline being
+    the unpatched fp32 model (loss and every gradient)."""
+    ref = tiny_model(arch)
+    model = ptcore.patch(tiny_model(arch, torch.float32))
+    ids, mask, labels = batch()
+    want, want_g = loss_and_grads(ref, reference_loss(ref, ids, mask, labels))
+    naive_model = tiny_model(arch, torch.float32)
+    naive, naive_g = loss_and_grads(naive_model, reference_loss(naive_model, ids, mask, labels))
+    got, got_g = loss_and_grads(model, model(ids, attention_mask=mask, labels=labels).loss)
+    assert fused_calls == _expected_calls(arch)
+    assert_rule(got, want, naive, "loss")
+    for name in want_g:
+        assert_rule(got_g[name], want_g[name], naive_g[name], name)
+
+
+def test_backbone_off_and_outside_training(fused_calls):
+    ids, mask, labels = batch()
+    model = ptcore.patch(tiny_model("llama"), backbone=False)
+    model(ids, attention_mask=mask, labels=labels)
+    assert not fused_calls  # backbone=False: only the fused head
+    model = ptcore.patch(tiny_model("gemma2"))
+    model(ids, attention_mask=mask)  # inference: Hugging Face's code
+    model.generate(ids[:1, :4], max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert not fused_calls
+    model(ids, attention_mask=mask, head_loss=lambda h, w, c: h.sum())  # the RL path fuses too
+    assert fused_calls == _expected_calls("gemma2")
+    with pytest.raises(TypeError, match="'backbone' must be True or False"):
+        ptcore.patch(model, backbone="yes")
+
+
+def test_backbone_off_under_gradient_checkpointing(fused_calls):
+    """The recomputation in backward runs outside the patched forward, so a checkpointed model
+    keeps Hugging Face's layers (the same code in the forward and its recomputation)."""
+    model = ptcore.patch(tiny_model("llama"))
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids, mask, labels = batch()
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    assert not fused_calls
