@@ -23,24 +23,35 @@ Conventions picked where the reference leaves a choice (§2):
   pg: 0), ``clip_ratio/region_mean`` = either; ``ratio_mean``; ``approx_kl`` =
   ``rho - 1 - log rho`` with the token-level ratio (k3 with ``old`` in the role of the policy:
   the unbiased estimate of KL(pi_old || pi) over tokens sampled from pi_old); ``kl`` (the chosen
-  estimator vs ``ref_logps``, when given, even with ``beta = 0``); ``entropy`` (when given; it is
-  only logged, never added to the loss).
+  estimator vs ``ref_logps``, when given, even with ``beta = 0``; with ``bias_correction_kl`` the
+  rho-weighted one); ``entropy`` (when given); sapo / vespo have no hard clip (clip ratios 0),
+  vespo adds ``vespo/phi_seq_mean``, gmpo counts the tokens clipped in log space;
+  ``entropy/kept_fraction`` with ``top_entropy_quantile < 1``; ``entropy_bonus`` (the term
+  subtracted) with ``entropy_coef != 0``.
+* The newer families (sapo, luspo, vespo, gmpo, ``delta``, ``top_entropy_quantile``,
+  ``entropy_coef``, ``bias_correction_kl``) are TRL 1.16's (GMPO: its paper's): policy_families.py
+  and docs/losses.md §2.2. An option the chosen loss type would ignore raises.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional, Union
 
 import torch
 
 from ptcore.ops import checks
+from ptcore.ops.policy_families import (check_family_options, entropy_bonus, gmpo_sequence_loss,
+                                        high_entropy_mask, ppo_clip, sapo_loss, vespo_phi)
+from ptcore.ops.policy_rollout import (ROLLOUT_CORRECTIONS, check_rollout_options,  # noqa: F401
+                                       mismatch_metrics, off_policy_keep, rollout_weight)
 
 OP = "policy_loss"
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "pg")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "pg", "sapo", "luspo", "vespo", "gmpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATION = {"grpo": "seq-mean-token-mean", "gspo": "seq-mean-token-mean",
                "bnpo": "token-mean", "dapo": "token-mean", "cispo": "token-mean",
-               "pg": "token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
+               "pg": "token-mean", "dr_grpo": "seq-mean-token-sum-norm", "sapo": "seq-mean-token-mean",
+               "luspo": "seq-mean-token-sum", "vespo": "token-mean",
+               "gmpo": "seq-mean-token-mean"}  # gmpo: one term per sequence, spread over its tokens
 
 
 class PolicyLossOutput(NamedTuple):
@@ -111,12 +122,13 @@ def _normalizer(value, default, acc, device, mask):
 
 def default_normalizer(loss_type: str, mask: torch.Tensor):
     """The aggregation's denominator of one whole batch: its completion tokens (token-mean), its
-    sequences (seq-mean-token-mean) or ``B * T`` (dr_grpo). Pass the value for the whole
+    sequences (seq-mean-token-mean, seq-mean-token-sum) or ``B * T`` (dr_grpo). Pass the value for the whole
     optimizer step as ``normalizer`` when the batch is split."""
     agg = AGGREGATION[loss_type]
     if agg == "token-mean":
         return (mask if mask.dtype == torch.bool else mask != 0).sum()
-    return mask.shape[0] if agg == "seq-mean-token-mean" else mask.shape[0] * mask.shape[1]
+    return mask.shape[0] if agg.startswith("seq-mean-token-") and not agg.endswith("-norm") \
+        else mask.shape[0] * mask.shape[1]
 
 
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
@@ -130,12 +142,23 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
                 sampling_logps: Optional[torch.Tensor] = None,
                 rollout_correction: Optional[str] = None,
                 rollout_clip: tuple = (None, 3.0),
-                off_policy_threshold: Optional[float] = None) -> PolicyLossOutput:
+                off_policy_threshold: Optional[float] = None,
+                delta: Optional[float] = None,
+                sapo_temperature_pos: Optional[float] = None,
+                sapo_temperature_neg: Optional[float] = None,
+                vespo_k_pos: Optional[float] = None, vespo_lambda_pos: Optional[float] = None,
+                vespo_k_neg: Optional[float] = None, vespo_lambda_neg: Optional[float] = None,
+                top_entropy_quantile: float = 1.0, entropy_coef: float = 0.0,
+                bias_correction_kl: bool = False) -> PolicyLossOutput:
     """Clipped policy-gradient loss of one micro-batch (docs/losses.md §2).
 
     Per token: PPO clip ``-min(rho A, clip(rho, 1-eps_low, 1+eps_high) A)`` (grpo, bnpo, dr_grpo,
-    dapo, gspo), with dual clip ``min(., -c A)`` for ``A < 0`` when ``dual_clip=c`` (``c > 1``);
-    cispo ``-sg(min(rho, cap)) A logp``; pg ``-A logp``; plus ``beta * KL_t`` when ``beta > 0``.
+    dapo, gspo, luspo), with dual clip ``min(., -c A)`` for ``A < 0`` when ``dual_clip=c`` (``c > 1``)
+    and ``rho`` capped at ``delta`` in the unclipped branch when given;
+    cispo ``-sg(min(rho, cap)) A logp``; pg ``-A logp``; sapo ``-sigmoid(tau (rho-1)) 4/tau A``;
+    vespo ``-sg(phi(w_seq)) A logp``; gmpo ``-A_i`` times the geometric mean of the token ratios,
+    each clipped in log space to ``[-eps_low, eps_high]`` (policy_families.py); plus
+    ``beta * KL_t`` (times ``rho`` with ``bias_correction_kl``) when ``beta > 0``.
     ``rho = exp(clamp(logp - old, -20, 20))`` (gspo: the sequence's masked mean log-ratio).
     Aggregated as ``AGGREGATION[loss_type]`` with the global ``normalizer`` (module docstring).
 
@@ -146,8 +169,17 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         ref_logps: ``[B, T]`` reference log-probs; required when ``beta > 0``.
         beta (``>= 0``), kl_estimator (k1/k2/k3), epsilon_low (in ``[0, 1]``), epsilon_high
         (``>= 0``, default epsilon_low), dual_clip (``> 1``), importance_sampling_level
-        (token/sequence), loss_type (``LOSS_TYPES``), normalizer (``> 0``), entropy (``[B, T]``,
-        logged), cispo_max (``> 0``).
+        (token/sequence), loss_type (``LOSS_TYPES``), normalizer (``> 0``), entropy (``[B, T]``
+        per-token entropies: logged, and used by the two entropy options), cispo_max (``> 0``).
+        delta (``> 1``, PPO-clip types), sapo_temperature_pos / _neg (``> 0``, sapo; default
+        1.0 / 1.05), vespo_k_pos / _k_neg (``>= 0``) and vespo_lambda_pos / _neg (``> 0``)
+        (vespo; default 2, 3, 3, 2): TRL 1.16's; given with another loss type they raise.
+        top_entropy_quantile (in ``(0, 1]``): only the tokens whose entropy is in this top
+            quantile of the call's completion tokens get the policy loss (not the KL).
+        entropy_coef: subtracts ``coef`` times the mean entropy over those tokens, scaled by this
+            call's share of the step's normalizer (``entropy_bonus``; TRL's bonus).
+        bias_correction_kl: multiply the KL term by ``rho`` (TRL's ``use_bias_correction_kl``;
+            default False here, True in TRL); needs ``beta > 0``.
         sampling_logps: ``[B, T]`` log-probs of the rollout engine that sampled the tokens (the
             behaviour policy). With it, ``rollout_correction`` (None, ``ROLLOUT_CORRECTIONS``)
             multiplies the per-token policy loss by a detached importance weight
@@ -199,6 +231,14 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         raise ValueError(f"{OP}: 'ref_logps' is required when 'beta' > 0 (got beta={beta})")
     clip_lo, clip_hi, off_thr = check_rollout_options(OP, rollout_correction, rollout_clip,
                                                       off_policy_threshold)
+    fam = check_family_options(
+        OP, loss_type, delta=delta, sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos,
+        vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg,
+        top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef,
+        bias_correction_kl=bias_correction_kl, beta=beta, has_entropy=entropy is not None,
+        importance_sampling_level=importance_sampling_level, rollout_correction=rollout_correction,
+        dual_clip=dual_clip, cispo_max=cispo_max)
     if sampling_logps is not None:
         checks.real(OP, "sampling_logps", sampling_logps)
         _like("sampling_logps", sampling_logps, logps)
@@ -222,16 +262,26 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     rho = torch.exp(torch.clamp(log_ratio, -20.0, 20.0))
 
     cap = (cispo_max if cispo_max is not None else 1 + eps_high)
+    samp = None if sampling_logps is None else torch.where(m, sampling_logps.to(acc), zero)
+    is_weight = rollout_weight(old, samp, mf, rollout_correction, clip_lo, clip_hi)
+    phi = None
     if loss_type == "pg":
         per_token = -adv * lp
     elif loss_type == "cispo":
         per_token = -torch.clamp(rho, max=cap).detach() * adv * lp
+    elif loss_type == "sapo":
+        per_token = sapo_loss(rho, adv, *fam.sapo)
+    elif loss_type == "vespo":  # the rollout weight goes into phi, not onto the loss (TRL)
+        adv_seq = advantages.to(acc)[:, None] if advantages.dim() == 1 else adv  # unmasked sign
+        phi = vespo_phi(log_ratio, mf, adv_seq, is_weight, *fam.vespo)
+        per_token = -phi * adv * lp
+        is_weight = None
+    elif loss_type == "gmpo":
+        per_token = gmpo_sequence_loss(log_ratio, adv, mf, eps_low, eps_high)[:, None].expand(B, T)
     else:
-        per_token = -torch.min(rho * adv, torch.clamp(rho, 1 - eps_low, 1 + eps_high) * adv)
+        per_token = ppo_clip(rho, adv, eps_low, eps_high, fam.delta)
         if dual_clip is not None:
             per_token = torch.where(adv < 0, torch.min(per_token, -dual_clip * adv), per_token)
-    samp = None if sampling_logps is None else torch.where(m, sampling_logps.to(acc), zero)
-    is_weight = rollout_weight(old, samp, mf, rollout_correction, clip_lo, clip_hi)
     keep = None
     if off_thr is not None:
         # OPSM on the sampler's log-probs (the old ones without them), as TRL
@@ -239,20 +289,32 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         keep = off_policy_keep(raw_adv[:, None] if raw_adv.dim() == 1 else raw_adv, lp,
                                old if samp is None else samp, mf, off_thr)
         per_token = per_token * keep.to(acc)
+    ent = None if entropy is None else torch.where(m, entropy.to(acc), zero)
+    high = high_entropy_mask(ent, m, fam.top_entropy_quantile) if fam.top_entropy_quantile < 1 else None
+    if high is not None:
+        per_token = per_token * high.to(acc)
     if is_weight is not None:
         per_token = per_token * is_weight
     kl = None
     if ref_logps is not None:
         kl = kl_penalty(lp, torch.where(m, ref_logps.to(acc), zero), kl_estimator)
+        if fam.bias_correction_kl:
+            kl = kl * rho
         if beta > 0:
             per_token = per_token + beta * kl
     per_token = torch.where(m, per_token, zero)
 
-    denom = _normalizer(normalizer, default_normalizer(loss_type, m), acc, logps.device, m)
+    default = default_normalizer(loss_type, m)
+    denom = _normalizer(normalizer, default, acc, logps.device, m)
     if AGGREGATION[loss_type] == "seq-mean-token-mean":
         loss = (per_token.sum(-1) / mf.sum(-1).clamp(min=1)).sum() / denom
     else:
         loss = per_token.sum() / denom
+    bonus = None
+    if fam.entropy_coef != 0:
+        share = torch.as_tensor(default, dtype=acc, device=logps.device) / denom
+        bonus = entropy_bonus(ent, m if high is None else high, fam.entropy_coef, share)
+        loss = loss - bonus
 
     with torch.no_grad():
         n_tok = mf.sum().clamp(min=1)
@@ -260,20 +322,29 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         def mean(x):
             return torch.where(m, x.to(acc), zero).sum() / n_tok
 
-        if loss_type == "pg":
-            low = high = torch.zeros_like(m)
+        if loss_type in ("pg", "sapo", "vespo"):  # no hard clip
+            low = up = torch.zeros_like(m)
         elif loss_type == "cispo":
-            low, high = torch.zeros_like(m), rho > cap
+            low, up = torch.zeros_like(m), rho > cap
+        elif loss_type == "gmpo":  # clipped in log space
+            low = (log_ratio < -eps_low) & (adv < 0)
+            up = (log_ratio > eps_high) & (adv > 0)
         else:
             low = (rho < 1 - eps_low) & (adv < 0)
-            high = (rho > 1 + eps_high) & (adv > 0)
-        metrics = {"clip_ratio/low_mean": mean(low), "clip_ratio/high_mean": mean(high),
-                   "clip_ratio/region_mean": mean(low | high), "ratio_mean": mean(rho),
+            up = (rho > 1 + eps_high) & (adv > 0)
+        metrics = {"clip_ratio/low_mean": mean(low), "clip_ratio/high_mean": mean(up),
+                   "clip_ratio/region_mean": mean(low | up), "ratio_mean": mean(rho),
                    "approx_kl": mean(kl_penalty(old, lp, "k3"))}
         if kl is not None:
             metrics["kl"] = mean(kl)
-        if entropy is not None:
-            metrics["entropy"] = mean(torch.where(m, entropy.to(acc), zero))
+        if ent is not None:
+            metrics["entropy"] = mean(ent)
+        if high is not None:
+            metrics["entropy/kept_fraction"] = mean(high)
+        if bonus is not None:
+            metrics["entropy_bonus"] = bonus.detach()
+        if phi is not None:  # TRL's: over sequences (per-token advantages: over tokens)
+            metrics["vespo/phi_seq_mean"] = phi.mean() if phi.shape[-1] == 1 else mean(phi)
         if samp is not None:
             metrics.update(mismatch_metrics(samp, old, m))
         seqs = m.any(-1)
@@ -290,68 +361,3 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
             dropped = (keep == 0).expand(B, T) & m
             metrics["rollout/off_policy_masked_fraction"] = (dropped.any(-1)).sum() / n_seq
     return PolicyLossOutput(loss, metrics)
-
-
-ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-
-
-def check_rollout_options(op, rollout_correction, rollout_clip, off_policy_threshold):
-    """Validates the rollout-correction options; returns (clip_min, clip_max, threshold)."""
-    if rollout_correction is not None:
-        checks.choice(op, "rollout_correction", rollout_correction, ROLLOUT_CORRECTIONS)
-    if not isinstance(rollout_clip, (tuple, list)) or len(rollout_clip) != 2:
-        raise ValueError(f"{op}: 'rollout_clip' must be a pair (min, max) of numbers or None, got "
-                         f"{rollout_clip!r}")
-    lo, hi = (None if v is None else checks.number(op, "rollout_clip", v, low=0)
-              for v in rollout_clip)
-    if (rollout_correction is not None and rollout_correction.endswith("truncate") and lo is None
-            and hi is None):  # TRL's torch.clamp fails there too
-        raise ValueError(f"{op}: 'rollout_clip' needs a min or a max for "
-                         f"rollout_correction={rollout_correction!r}, got (None, None)")
-    if lo is not None and hi is not None and lo > hi:
-        raise ValueError(f"{op}: 'rollout_clip' must have min <= max, got {tuple(rollout_clip)}")
-    if off_policy_threshold is not None:
-        off_policy_threshold = checks.number(op, "off_policy_threshold", off_policy_threshold)
-    return lo, hi, off_policy_threshold
-
-
-def rollout_weight(old, samp, mf, mode, clip_min, clip_max):
-    """The detached importance weight of the rollout correction (TRL 1.16's
-    ``vllm_importance_sampling_mode``): ``[B, T]`` for token modes, ``[B, 1]`` for sequence
-    modes; None without a mode. A NaN sampling log-prob (unscored token) gives a log-ratio of 0."""
-    if mode is None or samp is None:
-        return None
-    with torch.no_grad():
-        diff = torch.nan_to_num((old - samp) * mf, nan=0.0)
-        if mode.startswith("sequence"):
-            diff = diff.sum(-1, keepdim=True)
-        w = torch.exp(diff)
-        if mode.endswith("truncate"):
-            return torch.clamp(w, min=clip_min, max=clip_max)
-        lo = -math.inf if clip_min is None else clip_min
-        hi = math.inf if clip_max is None else clip_max
-        return w.masked_fill((w < lo) | (w > hi), 0.0)
-
-
-def off_policy_keep(adv, logps, samp, mf, threshold):
-    """OPSM (DeepSeek-V3.2, TRL's ``off_policy_mask_threshold``): 1 where the advantage is >= 0 or
-    the sequence's mean ``samp - logp`` over its completion tokens is <= threshold, else 0;
-    ``[B, 1]`` (``[B, T]`` for per-token advantages)."""
-    with torch.no_grad():
-        kl = torch.nan_to_num(samp - logps.detach(), nan=0.0)
-        avg = (kl * mf).sum(-1, keepdim=True) / mf.sum(-1, keepdim=True).clamp(min=1.0)
-        return ((adv >= 0) | (avg <= threshold)).to(mf.dtype)
-
-
-def mismatch_metrics(samp, trainer, m) -> dict:
-    """Sampler/trainer mismatch over the completion tokens ``m`` (NaN sampling log-probs left
-    out): mean and max ``|samp - trainer|`` and the k3 estimate of KL(sampler || trainer)."""
-    with torch.no_grad():
-        ok = m & ~torch.isnan(samp)
-        zero = samp.new_zeros(())
-        n = ok.sum().clamp(min=1).to(samp.dtype)
-        d = torch.where(ok, (samp - trainer).abs(), zero)
-        k3 = torch.where(ok, kl_penalty(torch.where(ok, samp, zero), torch.where(ok, trainer, zero),
-                                        "k3"), zero)
-        return {"rollout/logp_diff_mean": d.sum() / n, "rollout/logp_diff_max": d.amax() if d.numel() else zero,
-                "rollout/kl_k3": k3.sum() / n}
