@@ -8,9 +8,9 @@ sequence sums need whole sequences (pairs) in a chunk. The gradients are thus kn
 the backward scales them by grad_output (as the fused cross-entropy does). The loss algebra is that
 of policy.py and preference.py, so fused and unfused agree by construction.
 """
+import ast
 import concurrent.futures
 import contextlib
-import math
 import os
 from typing import Optional
 
@@ -217,53 +217,71 @@ class _StoredGradients:
 def _policy_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                bias: Optional[torch.Tensor], ref_logps: Optional[torch.Tensor],
-               normalizer: torch.Tensor, temperature: float, softcap: float, ignore_index: int,
-               beta: float, kl_estimator: str, epsilon_low: float, epsilon_high: float,
-               dual_clip: float, importance_sampling_level: str, loss_type: str, cispo_max: float,
-               sampling_logps: Optional[torch.Tensor], rollout_correction: str, clip_min: float,
-               clip_max: float, off_policy_threshold: float, backend: str, chunk: int, need_gx: bool, need_gw: bool,
-               need_gb: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                       torch.Tensor, torch.Tensor]:
-    """(loss, logp [B, T], entropy [B, T], grad_hidden, grad_weight, grad_bias)."""
+               sampling_logps: Optional[torch.Tensor], normalizer: torch.Tensor, temperature: float,
+               softcap: float, ignore_index: int, options: str, backend: str, chunk: int,
+               need_gx: bool, need_gw: bool, need_gb: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, logp [B, T], entropy [B, T], grad_hidden, grad_weight, grad_bias). ``options``: the
+    scalar options of :func:`policy_loss` in one string (``_encode_options``), one schema argument
+    instead of one per option, None staying None."""
     B, T = target.shape
     m = mask if mask.dtype == torch.bool else mask != 0
     t = torch.where(m, target, torch.full_like(target, ignore_index))  # outside the mask: ignored
     checks.targets_in_range("linear_policy_loss", t, weight.shape[0], ignore_index)
-    opts = dict(ref_logps=None, beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low,
-                epsilon_high=epsilon_high, dual_clip=dual_clip or None,
-                importance_sampling_level=importance_sampling_level, loss_type=loss_type,
-                normalizer=normalizer, cispo_max=cispo_max or None,
-                rollout_correction=rollout_correction or None,
-                rollout_clip=(None if math.isinf(clip_min) else clip_min,
-                              None if math.isinf(clip_max) else clip_max),
-                off_policy_threshold=None if math.isnan(off_policy_threshold) else off_policy_threshold)
+    opts = _decode_options(options)
 
     def loss_fn(first, logp, entropy):
         sel = lambda v: None if v is None else v[first:first + logp.shape[0]]
-        return policy_loss(logp, sel(old_logps), sel(advantages), sel(m),
-                           **{**opts, "ref_logps": sel(ref_logps), "sampling_logps": sel(sampling_logps)}).loss
+        return policy_loss(logp, sel(old_logps), sel(advantages), sel(m), ref_logps=sel(ref_logps),
+                           sampling_logps=sel(sampling_logps), normalizer=normalizer,
+                           entropy=entropy, **opts).loss
 
-    # A sequence-level ratio ties a sequence's tokens together, and so does OPSM's mean over the
-    # sequence of the current log-probs; otherwise the loss is per token.
-    whole = (loss_type == "gspo" or (importance_sampling_level == "sequence" and loss_type != "pg")
+    loss_type, level = opts["loss_type"], opts["importance_sampling_level"]
+    # A sequence-level ratio ties a sequence's tokens together, and so do OPSM's mean of the
+    # current log-probs, VESPO's sequence weight and GMPO's geometric mean; the entropy quantile
+    # and the entropy bonus's mean need the whole batch (two passes once it exceeds the budget).
+    batch = opts["top_entropy_quantile"] < 1 or opts["entropy_coef"] != 0
+    whole = (loss_type in ("gspo", "vespo", "gmpo") or (level == "sequence" and loss_type != "pg")
              or opts["off_policy_threshold"] is not None)
+    seqs = B if batch else (max(1, chunk // T) if whole else None)
     loss, logp, ent, gx, gw, gb = fused_sequence_loss(
-        hidden, weight, bias, t, loss_fn, seqs_per_chunk=max(1, chunk // T) if whole else None,
+        hidden, weight, bias, t, loss_fn, seqs_per_chunk=seqs,
         chunk=chunk, ignore_index=ignore_index, softcap=softcap, temperature=temperature,
         backend=backend, need=(need_gx, need_gw, need_gb), want_entropy=True)
     return loss, logp, ent, gx, gw, gb
 
 
 @_policy_op.register_fake
-def _(hidden, weight, target, old_logps, advantages, mask, bias, ref_logps, normalizer, *args):
+def _(hidden, weight, target, old_logps, advantages, mask, bias, ref_logps, sampling_logps, normalizer, *args):
     acc = acc_dtype(hidden.dtype)
     return (hidden.new_empty((), dtype=acc), hidden.new_empty(target.shape, dtype=acc),
             hidden.new_empty(target.shape, dtype=acc), *empty_head_grads(hidden, weight, *args[-3:]))
 
 
 _policy_op.register_autograd(
-    lambda ctx, g, *_: _StoredGradients.backward(ctx, g, 30, (0, 1, 6)),
+    lambda ctx, g, *_: _StoredGradients.backward(ctx, g, 19, (0, 1, 6)),
     setup_context=lambda ctx, inputs, output: _StoredGradients.setup_context(ctx, inputs, output, _policy_op))
+
+
+def _encode_options(**opts) -> str:
+    """The validated scalar options (finite numbers, None, bools, strings) as ``k=repr(v);...``:
+    an f-string, which torch.compile traces as a constant (json.dumps it cannot). Numbers become
+    floats, so a 0-d tensor or an int reaches the op as the same number."""
+    def plain(v):
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v if v is None or isinstance(v, (str, bool)) else float(v)
+
+    return ";".join(f"{k}={plain(v)!r}" for k, v in sorted(opts.items()))
+
+
+def _decode_options(text: str) -> dict:
+    opts = {}
+    for item in text.split(";"):
+        k, v = item.split("=", 1)
+        opts[k] = ast.literal_eval(v)
+    opts["rollout_clip"] = tuple(opts["rollout_clip"])
+    return opts
 
 
 def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -277,7 +295,13 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
                        cispo_max: Optional[float] = None,
                        sampling_logps: Optional[torch.Tensor] = None,
                        rollout_correction: Optional[str] = None, rollout_clip=(None, 3.0),
-                       off_policy_threshold: Optional[float] = None) -> PolicyLossOutput:
+                       off_policy_threshold: Optional[float] = None, delta: Optional[float] = None,
+                       sapo_temperature_pos: Optional[float] = None,
+                       sapo_temperature_neg: Optional[float] = None,
+                       vespo_k_pos: Optional[float] = None, vespo_lambda_pos: Optional[float] = None,
+                       vespo_k_neg: Optional[float] = None, vespo_lambda_neg: Optional[float] = None,
+                       top_entropy_quantile: float = 1.0, entropy_coef: float = 0.0,
+                       bias_correction_kl: bool = False) -> PolicyLossOutput:
     """GRPO / PPO-family loss (:func:`ptcore.ops.policy_loss`) computed from the last hidden states:
     ``logps`` are ``log softmax(softcap(hidden @ weight.T + bias) / temperature)[target]`` over the
     completion tokens (``mask``), fused so that the logits never exist.
@@ -287,7 +311,12 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
             ``mask`` is 0); old_logps, mask, ref_logps: ``[B, T]``; advantages ``[B]`` or ``[B, T]``.
         The other options are :func:`policy_loss`'s (``sampling_logps`` ``[B, T]``,
         ``rollout_correction``, ``rollout_clip``, ``off_policy_threshold`` included: the rollout
-        correction); ``normalizer`` defaults to this batch's.
+        correction; and the newer families: sapo, luspo, vespo, gmpo, ``delta``,
+        ``top_entropy_quantile``, ``entropy_coef``, ``bias_correction_kl``); the entropy the two
+        entropy options use is the per-token entropy of the same tempered distribution, computed
+        in the same pass (its gradient included). ``normalizer`` defaults to this batch's.
+        ``top_entropy_quantile < 1`` or ``entropy_coef != 0`` make the loss depend on the whole
+        batch at once: two passes over the logits (8NHV) once the batch exceeds the chunk budget.
 
     Returns ``PolicyLossOutput(loss, metrics)``; metrics add ``entropy`` (at no extra pass).
 
@@ -314,15 +343,21 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
     checks.real(op, "mask", mask, allow_bool=True)
     checks.same_device(op, "hidden", hidden, mask=mask, old_logps=old_logps, ref_logps=ref_logps,
                        advantages=advantages, sampling_logps=sampling_logps)
-    # policy_loss validates the options and the advantages on a stand-in batch.
+    options = dict(beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low,
+                   epsilon_high=epsilon_high, dual_clip=dual_clip,
+                   importance_sampling_level=importance_sampling_level, loss_type=loss_type,
+                   cispo_max=cispo_max, rollout_correction=rollout_correction,
+                   rollout_clip=rollout_clip, off_policy_threshold=off_policy_threshold, delta=delta,
+                   sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+                   vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                   vespo_lambda_neg=vespo_lambda_neg, top_entropy_quantile=top_entropy_quantile,
+                   entropy_coef=entropy_coef, bias_correction_kl=bias_correction_kl)
+    # policy_loss validates the options and the advantages on a stand-in batch (the entropy is
+    # the op's own, so a stand-in for it too).
     with checks.as_op(op, "policy_loss"):
-        policy_loss(old_logps.detach(), old_logps, advantages, mask, ref_logps=ref_logps,
-                    beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low,
-                    epsilon_high=epsilon_high, dual_clip=dual_clip,
-                    importance_sampling_level=importance_sampling_level, loss_type=loss_type,
-                    normalizer=normalizer, cispo_max=cispo_max, sampling_logps=sampling_logps,
-                    rollout_correction=rollout_correction, rollout_clip=rollout_clip,
-                    off_policy_threshold=off_policy_threshold)
+        stand_in = old_logps.detach()
+        policy_loss(stand_in, old_logps, advantages, mask, ref_logps=ref_logps, normalizer=normalizer,
+                    sampling_logps=sampling_logps, entropy=torch.zeros_like(stand_in), **options)
     if normalizer is None:
         normalizer = default_normalizer(loss_type, mask)
     acc = acc_dtype(hidden.dtype)
@@ -330,22 +365,12 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
     backend, chunk = head_plan(hidden, weight, op)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and p is not None and p.requires_grad for p in (hidden, weight, bias)]
-    eps_high = epsilon_low if epsilon_high is None else epsilon_high
     loss, logp, ent, *_ = _policy_op(
-        hidden, weight, target, old_logps, advantages, mask, bias, ref_logps, norm, temp, cap,
-        ignore_index, float(beta), kl_estimator, float(epsilon_low), float(eps_high),
-        float(dual_clip or 0.0), importance_sampling_level, loss_type, float(cispo_max or 0.0),
-        sampling_logps, rollout_correction or "",
-        -math.inf if rollout_clip[0] is None else float(rollout_clip[0]),
-        math.inf if rollout_clip[1] is None else float(rollout_clip[1]),
-        math.nan if off_policy_threshold is None else float(off_policy_threshold),
-        backend, chunk, *need)
-    metrics = policy_loss(logp, old_logps, advantages, mask, ref_logps=ref_logps, beta=beta,
-                          kl_estimator=kl_estimator, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                          dual_clip=dual_clip, importance_sampling_level=importance_sampling_level,
-                          loss_type=loss_type, normalizer=norm, entropy=ent, cispo_max=cispo_max,
-                          sampling_logps=sampling_logps, rollout_correction=rollout_correction,
-                          rollout_clip=rollout_clip, off_policy_threshold=off_policy_threshold).metrics
+        hidden, weight, target, old_logps, advantages, mask, bias, ref_logps, sampling_logps, norm,
+        temp, cap, ignore_index, _encode_options(**options), backend,
+        chunk, *need)
+    metrics = policy_loss(logp, old_logps, advantages, mask, ref_logps=ref_logps, normalizer=norm,
+                          entropy=ent, sampling_logps=sampling_logps, **options).metrics
     return PolicyLossOutput(loss, metrics)
 
 
