@@ -296,37 +296,15 @@ def test_autocast_bf16():
 # ---- the fused backbone (backbone=True, the default): RMSNorm + residual, RoPE, SwiGLU / GeGLU ----
 
 from ptcore.patching import backbone as backbone_mod  # noqa: E402
-
-
-def _norm_class(arch):
-    module, name = SUPPORTED[arch]
-    import importlib
-    return getattr(importlib.import_module(module), name.removesuffix("ForCausalLM") + "RMSNorm")
+from tests.hf_float64 import float64_norms  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _float64_norms():
-    """Hugging Face's RMSNorm modules compute in fp32 whatever the input (``x.to(torch.float32)``),
-    so an unpatched float64 model is only fp32-accurate in its norms, and so would be every float64
-    oracle here. For float64 inputs outside ptcore's fused path they run the same formula in
-    float64 (Gemma's ``(1 + w)`` included); every other dtype runs Hugging Face's code as is."""
-    saved = {}
-    for arch in ARCHS:
-        backbone_mod.install(*SUPPORTED[arch])  # the backbone gate first: this wraps it, not under it
-        cls = _norm_class(arch)
-        prev = saved[cls] = cls.__dict__["forward"]
-        offset = 1.0 if arch == "gemma2" else 0.0
-
-        def forward(self, x, _prev=prev, _offset=offset):
-            if x.dtype != torch.float64 or backbone_mod.is_active():
-                return _prev(self, x)
-            eps = getattr(self, "variance_epsilon", getattr(self, "eps", None))
-            return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * (self.weight + _offset)
-
-        cls.forward = forward
-    yield
-    for cls, prev in saved.items():
-        cls.forward = prev
+    """Every float64 oracle here with Hugging Face's RMSNorm in float64 (tests/hf_float64.py says
+    why): otherwise the unpatched float64 model is only fp32-accurate in its norms."""
+    with float64_norms(ARCHS):
+        yield
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from ptcore.train import dpo as dpo_module
 from ptcore.train import run_dpo
 from ptcore.train.config import DPOConfig
 from ptcore.train.distributed import DistContext
+from tests.hf_float64 import float64_norms
 from tests.reference import assert_rule
 from tests.train_helpers import config, one_thread, tiny  # noqa: F401
 
@@ -73,9 +74,10 @@ def test_fused_loss_equals_unfused(loss_type):
     fused_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
-    with torch.no_grad():
-        ref_lp, _ = unfused_seq_logps(ref, mb)
-    lp, lengths = unfused_seq_logps(model, mb)
+    with float64_norms():  # HF's norms upcast to fp32; ptcore's fused ones stay in float64
+        with torch.no_grad():
+            ref_lp, _ = unfused_seq_logps(ref, mb)
+        lp, lengths = unfused_seq_logps(model, mb)
     B = 3
     kw = dict(chosen_lengths=lengths[:B], rejected_lengths=lengths[B:]) if loss_type in LENGTH_NORMALIZED else {}
     refs = (ref_lp[:B], ref_lp[B:]) if loss_type not in ("simpo", "orpo") else (None, None)
