@@ -538,3 +538,61 @@ def test_entropy_options_need_the_entropy():
     for opts in (dict(top_entropy_quantile=0.5), dict(entropy_coef=0.1)):
         with pytest.raises(ValueError, match="policy_loss: 'entropy'.*required"):
             policy_loss(lp, old, adv, mask, **opts)
+
+
+# ---- the GRPO loop and the CLI ----
+
+def test_grpo_config_carries_the_family_options():
+    from ptcore.train import GRPOConfig
+    c = GRPOConfig(loss_type="sapo", sapo_temperature_neg=2.0, top_entropy_quantile=0.5, entropy_coef=0.01,
+                   kl_coef=0.04, bias_correction_kl=True)
+    opts = c.loss_options()
+    assert (opts["sapo_temperature_neg"], opts["top_entropy_quantile"], opts["entropy_coef"],
+            opts["bias_correction_kl"], opts["beta"]) == (2.0, 0.5, 0.01, True, 0.04)
+    lp, old, _, ref, adv, mask, ent = make()
+    direct = policy_loss(lp, old, adv, mask, ref_logps=ref, entropy=ent, loss_type="sapo", beta=0.04,
+                         sapo_temperature_neg=2.0, top_entropy_quantile=0.5, entropy_coef=0.01,
+                         bias_correction_kl=True)
+    via = policy_loss(lp, old, adv, mask, ref_logps=ref, entropy=ent, **opts)
+    assert float(via.loss) == float(direct.loss)
+    for bad, name in [(dict(loss_type="dapo", sapo_temperature_pos=1.0), "sapo_temperature_pos"),
+                      (dict(loss_type="vespo", vespo_lambda_neg=-1.0), "vespo_lambda_neg"),
+                      (dict(loss_type="cispo", delta=2.0), "delta"), (dict(top_entropy_quantile=0.0),
+                                                                       "top_entropy_quantile"),
+                      (dict(bias_correction_kl=True), "bias_correction_kl.*kl_coef"),
+                      (dict(loss_type="vespo", rollout_correction="sequence_mask"), "rollout_correction")]:
+        with pytest.raises(ValueError, match=f"^run_grpo: .*'{name}"):
+            GRPOConfig(**bad)
+
+
+def test_cli_flags_reach_the_grpo_config():
+    from tests.test_train_config import parse
+    g = parse("grpo", "--loss-type", "vespo", "--vespo-k-pos", "1.5", "--vespo-lambda-neg", "2.5",
+              "--top-entropy-quantile", "0.2", "--entropy-coef", "0.001")
+    assert (g.loss_type, g.vespo_k_pos, g.vespo_lambda_neg, g.top_entropy_quantile, g.entropy_coef) == \
+        ("vespo", 1.5, 2.5, 0.2, 0.001)
+    g = parse("grpo", "--loss-type", "luspo", "--delta", "1.5", "--kl-coef", "0.1", "--bias-correction-kl")
+    assert (g.loss_type, g.delta, g.bias_correction_kl) == ("luspo", 1.5, True)
+    assert parse("grpo", "--loss-type", "gmpo").loss_options()["loss_type"] == "gmpo"
+
+
+def test_run_grpo_trains_with_the_new_options(tmp_path):
+    """Two optimizer steps of the tiny GRPO loop with sapo + the entropy options: the loss's own
+    metrics (entropy bonus, kept fraction) show up in the run's metrics, so the options reached
+    the fused loss."""
+    from ptcore.train import GRPOConfig, run_grpo
+    from tests.train_helpers import config, tiny
+    rows = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(4)]
+    model, tok = tiny()
+    c = config(tmp_path, "g", GRPOConfig, max_steps=2, group_size=2, max_new_tokens=3, loss_type="sapo",
+               sapo_temperature_neg=2.0, top_entropy_quantile=0.5, entropy_coef=0.01)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny GEMMs on a shared machine (as tests/train_helpers.py)
+    try:
+        result = run_grpo(model, tok, rows, c)
+    finally:
+        torch.set_num_threads(threads)
+    last = result.metrics[-1]
+    assert len(result.metrics) == 2 and math.isfinite(last["loss"])
+    assert "entropy_bonus" in last and "entropy/kept_fraction" in last, sorted(last)
+    assert 0 < last["entropy/kept_fraction"] <= 1

@@ -33,8 +33,10 @@ class FamilyOptions(NamedTuple):
 def check_family_options(op, loss_type, *, delta, sapo_temperature_pos, sapo_temperature_neg,
                          vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
                          top_entropy_quantile, entropy_coef, bias_correction_kl, beta, has_entropy,
-                         importance_sampling_level, rollout_correction, dual_clip, cispo_max):
-    """Validates the family options against ``loss_type``; returns a ``FamilyOptions``."""
+                         importance_sampling_level, rollout_correction, dual_clip, cispo_max,
+                         beta_name="beta"):
+    """Validates the family options against ``loss_type``; returns a ``FamilyOptions``.
+    ``beta_name``: what the caller calls the KL weight (the GRPO config's ``kl_coef``)."""
     def only_for(name, value, types):
         if value is not None and loss_type not in types:
             raise ValueError(f"{op}: '{name}' applies to loss_type {' / '.join(types)} only, got "
@@ -66,8 +68,8 @@ def check_family_options(op, loss_type, *, delta, sapo_temperature_pos, sapo_tem
                              f"is set (got {name}={q if name.startswith('top') else coef})")
     bias = checks.flag(op, "bias_correction_kl", bias_correction_kl)
     if bias and beta == 0:
-        raise ValueError(f"{op}: 'bias_correction_kl' weights the KL term, which beta=0 leaves out; "
-                         "set beta > 0 or bias_correction_kl=False")
+        raise ValueError(f"{op}: 'bias_correction_kl' weights the KL term, which {beta_name}=0 leaves "
+                         f"out; set {beta_name} > 0 or bias_correction_kl=False")
     if loss_type in ("sapo", "vespo", "gmpo") and dual_clip is not None:
         raise ValueError(f"{op}: 'dual_clip' applies to the PPO-clip loss types, got loss_type={loss_type!r}")
     if loss_type in ("vespo", "gmpo"):

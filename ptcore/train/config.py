@@ -28,6 +28,9 @@ from ptcore.ops.policy import AGGREGATION, KL_ESTIMATORS, ROLLOUT_CORRECTIONS
 from ptcore.ops.preference import LOSS_TYPES as DPO_LOSS_TYPES
 
 MAX_LR = 1.0
+FAMILY_OPTIONS = ("delta", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos",
+                  "vespo_k_neg", "vespo_lambda_neg", "top_entropy_quantile", "entropy_coef",
+                  "bias_correction_kl")  # GRPOConfig fields passed to policy_loss as they are
 ROLLOUTS = ("engine", "hf")
 
 
@@ -207,6 +210,21 @@ class GRPOConfig(TrainConfig):
                                                    "whose mean sampler-minus-trainer log-prob exceeds it")
     deterministic: bool = option(False, "batch-invariant trainer log-probs (linear_logprobs "
                                  "deterministic=True)")
+    # the newer policy-loss families (docs/losses.md §2.2; None: the loss type's default / off)
+    delta: Optional[float] = option(None, "two-sided clip: the unclipped ratio capped at delta (> 1; "
+                                    "PPO-clip loss types)")
+    sapo_temperature_pos: Optional[float] = option(None, "sapo: gate temperature where A > 0 (None: 1.0)")
+    sapo_temperature_neg: Optional[float] = option(None, "sapo: gate temperature where A <= 0 (None: 1.05)")
+    vespo_k_pos: Optional[float] = option(None, "vespo: power k of the gamma weight where A >= 0 (None: 2)")
+    vespo_lambda_pos: Optional[float] = option(None, "vespo: decay lambda where A >= 0 (None: 3)")
+    vespo_k_neg: Optional[float] = option(None, "vespo: power k where A < 0 (None: 3)")
+    vespo_lambda_neg: Optional[float] = option(None, "vespo: decay lambda where A < 0 (None: 2)")
+    top_entropy_quantile: float = option(1.0, "only the completion tokens in this top quantile of "
+                                         "entropy get the policy loss (1: all)")
+    entropy_coef: float = option(0.0, "entropy bonus: the loss minus coef x the mean entropy of "
+                                 "those tokens")
+    bias_correction_kl: bool = option(False, "weight the KL term by the ratio rho (TRL's "
+                                      "use_bias_correction_kl; needs kl_coef > 0)")
 
     @staticmethod
     def legacy_options(options: dict) -> dict:
@@ -228,7 +246,8 @@ class GRPOConfig(TrainConfig):
         return dict(epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
                     beta=float(self.kl_coef), kl_estimator=self.kl_estimator,
                     rollout_correction=self.rollout_correction, rollout_clip=self.rollout_clip,
-                    off_policy_threshold=self.off_policy_threshold)
+                    off_policy_threshold=self.off_policy_threshold,
+                    **{k: getattr(self, k) for k in FAMILY_OPTIONS})
 
     def __post_init__(self):
         super().__post_init__()
@@ -251,6 +270,11 @@ class GRPOConfig(TrainConfig):
         checks.choice(op, "kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         checks.choice(op, "rollout", self.rollout, ROLLOUTS)
         check_rollout_options(op, self.rollout_correction, self.rollout_clip, self.off_policy_threshold)
+        from ptcore.ops.policy_families import check_family_options
+        check_family_options(op, self.loss_type, **{k: getattr(self, k) for k in FAMILY_OPTIONS},
+                             beta=self.kl_coef, beta_name="kl_coef", has_entropy=True,  # the loss computes it
+                             importance_sampling_level="token", rollout_correction=self.rollout_correction,
+                             dual_clip=None, cispo_max=None)
         s = self.stop_strings
         if not isinstance(s, (list, tuple)) or not all(isinstance(x, str) and x for x in s):
             raise ValueError(f"{op}: 'stop_strings' must be a list of non-empty strings, got {s!r}")

@@ -103,7 +103,7 @@ class GRPOObjective(GroupRollouts, BaseObjective):
         agg = AGGREGATION[self.loss_type]
         if agg == "token-mean":
             return int(mask.sum())
-        if agg == "seq-mean-token-mean":
+        if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):  # per sequence (luspo: the sum)
             return mask.shape[0]
         return mask.shape[0] * self.max_new_tokens  # dr_grpo: B * L_max, a constant L_max
 
