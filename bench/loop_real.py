@@ -131,29 +131,31 @@ def gemm_step(kind, s):
 
 def ptcore_step(kind, s):
     from ptcore.models.chat import last_number_reward
-    from ptcore.train.config import TrainConfig
+    from ptcore.train.config import DPOConfig, GRPOConfig, SFTConfig
     from ptcore.train.data import load_records, pair_examples, prompt_examples, sft_examples
     from ptcore.train.distributed import DistContext
     from ptcore.train.loop import make_optimizer, train_step
 
     model, tok = load()
-    cfg = TrainConfig(output_dir=tempfile.mkdtemp(prefix="ptcore-bench-"), max_steps=10**6, batch_size=s["B"],
-                      max_length=MAX_LENGTH, lr=LR, progress=False, save_final=False)
+    common = dict(output_dir=tempfile.mkdtemp(prefix="ptcore-bench-"), max_steps=10**6, batch_size=s["B"],
+                  max_length=MAX_LENGTH, lr=LR, progress=False, save_final=False)
     if kind == "sft":
         from ptcore.train.sft import SFTObjective
         ex = sft_examples(load_records(sft_records(s["B"]), "sft"), tok, MAX_LENGTH, report=False)
-        obj = SFTObjective(ex, tok, cfg, packing=True)  # batch_size = 8 examples, packed
+        cfg = SFTConfig(**common, packing=True)
+        obj = SFTObjective(ex, tok, cfg)  # batch_size = 8 examples, packed
     elif kind == "dpo":
         from ptcore.train.dpo import DPOObjective
+        cfg = DPOConfig(**common, beta=0.1)
         obj = DPOObjective(pair_examples(load_records(dpo_records(tok, s["B"]), "dpo"), tok, MAX_LENGTH,
-                                         report=False), tok, cfg, beta=0.1)
+                                         report=False), tok, cfg)
     else:
         from ptcore.train.grpo import GRPOObjective
         model.generation_config.min_new_tokens = s["C"]
+        # rollout="hf": generate honours min_new_tokens, the same work as TRL's
+        cfg = GRPOConfig(**common, group_size=s["G"], max_new_tokens=s["C"], loss_type="dapo", rollout="hf")
         obj = GRPOObjective(prompt_examples(load_records(grpo_records(tok, s["B"]), "grpo"), tok, MAX_LENGTH,
-                                            report=False), tok, cfg, reward_fns=[last_number_reward],
-                            group_size=s["G"], max_new_tokens=s["C"], loss_type="dapo",
-                            rollout="hf")  # generate honours min_new_tokens: the same work as TRL's
+                                            report=False), tok, cfg, reward_fns=[last_number_reward])
     ctx = DistContext()
     obj.prepare_model(model)
     optimizer, scheduler = make_optimizer(model, cfg)

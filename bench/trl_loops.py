@@ -118,27 +118,29 @@ def model_gemms(kind, s, dtype, device):
 
 
 def ptcore_step(kind, s, dtype, device):
-    from ptcore.train.config import TrainConfig
+    from ptcore.train.config import DPOConfig, GRPOConfig, SFTConfig
     from ptcore.train.data import load_records, pair_examples, prompt_examples, sft_examples
     from ptcore.train.distributed import DistContext
     from ptcore.train.loop import make_optimizer, train_step
 
     model, tok = tiny_model(dtype, device), hf_tokenizer()
-    cfg = TrainConfig(output_dir=tempfile.mkdtemp(prefix="ptcore-bench-"), max_steps=10**6, batch_size=s["B"],
-                      max_length=s["P"] + s["C"], lr=LR, progress=False, save_final=False)
+    common = dict(output_dir=tempfile.mkdtemp(prefix="ptcore-bench-"), max_steps=10**6, batch_size=s["B"],
+                  max_length=s["P"] + s["C"], lr=LR, progress=False, save_final=False)
     recs = load_records(records(kind, s), kind)
     if kind == "sft":
         from ptcore.train.sft import SFTObjective
-        obj = SFTObjective(sft_examples(recs, tok, cfg.max_length), tok, cfg, packing=True)
+        cfg = SFTConfig(**common, packing=True)
+        obj = SFTObjective(sft_examples(recs, tok, cfg.max_length), tok, cfg)
         cfg.batch_size = s["B"]  # examples per micro-batch (as TRL's), packed into rows: all B per step
     elif kind == "dpo":
         from ptcore.train.dpo import DPOObjective
-        obj = DPOObjective(pair_examples(recs, tok, cfg.max_length), tok, cfg, beta=0.1)
+        cfg = DPOConfig(**common, beta=0.1)
+        obj = DPOObjective(pair_examples(recs, tok, cfg.max_length), tok, cfg)
     else:
         from ptcore.train.grpo import GRPOObjective
         model.generation_config.min_new_tokens = s["C"]
-        obj = GRPOObjective(prompt_examples(recs, tok, s["P"]), tok, cfg, reward_fns=[reward_len],
-                            group_size=s["G"], max_new_tokens=s["C"], loss_type="dapo")
+        cfg = GRPOConfig(**common, group_size=s["G"], max_new_tokens=s["C"], loss_type="dapo")
+        obj = GRPOObjective(prompt_examples(recs, tok, s["P"]), tok, cfg, reward_fns=[reward_len])
     ctx = DistContext()
     obj.prepare_model(model)
     optimizer, scheduler = make_optimizer(model, cfg)
