@@ -128,6 +128,7 @@ REGISTRY = {
     "paged_attention_extend": "paged_attention:EXTEND",
     "speculative_verify": "speculative:BENCHMARK",
     "speculative_decoding": "speculative_decoding:BENCHMARK",  # speedup and tokens per forward vs theory
+    "backbone_ops": "backbone_ops:BENCHMARK",  # fused RMSNorm+residual, RoPE, SwiGLU vs eager HF code
 }
 
 
