@@ -98,7 +98,8 @@ def build(case: str, s: dict, dtype: torch.dtype, device: str):
         outs = fn()
         outs = outs if isinstance(outs, tuple) else (outs,)
         torch.autograd.backward(outs, upstream)
-        return outs[0].detach().float().square().mean()  # the cross-check: same across impls
+        # No loss returned: the runner cross-checks one value across all cases, and each op's
+        # outputs differ (tests/test_backbone_ops.py checks the values).
 
     def reset():
         for p in leaves:
