@@ -52,11 +52,13 @@ class RunArgs:
 
 @dataclass
 class DPORunArgs:
+    """``ptcore dpo``'s own: the reference model to load."""
     ref_model: Optional[str] = option(None, "reference model (None: --model before training)")
 
 
 @dataclass
 class GRPORunArgs:
+    """``ptcore grpo``'s own: a flag for what ``--rollout-clip-max`` cannot say (None)."""
     no_rollout_clip_max: bool = option(False, "no upper bound on the rollout importance weight "
                                        "(sets rollout_clip_max to None; mask modes)")
 
@@ -88,16 +90,14 @@ def make_parser(kind: str):
     return p
 
 
-def _build(cls, ns: argparse.Namespace):
-    """The dataclass ``cls`` from the parsed flags (its checks run here, inside main's error
-    handling, so a bad value exits 2 naming the flag)."""
-    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init})
-
-
-def _config(kind: str, args):
-    if kind == "grpo" and args.no_rollout_clip_max:
-        args = argparse.Namespace(**{**vars(args), "rollout_clip_max": None})
-    return _build(CONFIGS[kind], args)
+def _config(kind: str, args: argparse.Namespace):
+    """The objective's config from the parsed flags; its checks run here, inside main's error
+    handling, so a bad value exits 2 naming the flag."""
+    values = dict(vars(args))
+    if getattr(args, "no_rollout_clip_max", False):
+        values["rollout_clip_max"] = None
+    cls = CONFIGS[kind]
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
 
 
 def _data(args, kind: str) -> str:
