@@ -17,7 +17,7 @@ import tempfile
 import torch
 
 from ptcore.ops import linear_logprobs
-from ptcore.train.config import TrainConfig
+from ptcore.train.config import GRPOConfig
 from ptcore.train.data import load_records, prompt_examples
 from ptcore.train.grpo import GRPOObjective
 
@@ -44,10 +44,10 @@ def main(argv=None):
     prompts = prompt_examples(load_records(data, "grpo"), tok, 256, report=False)
     report = {}
     for det in (True, False):
-        cfg = TrainConfig(output_dir=tempfile.mkdtemp(), batch_size=len(prompts), max_length=512, seed=0)
-        obj = GRPOObjective(prompts, tok, cfg, reward_fns=[lambda prompts, completions, **_: [0.0] * len(completions)],
-                            group_size=args.group_size, temperature=args.temperature,
-                            max_new_tokens=args.max_new_tokens, deterministic=det)
+        cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), batch_size=len(prompts), max_length=512, seed=0,
+                         group_size=args.group_size, temperature=args.temperature,
+                         max_new_tokens=args.max_new_tokens, deterministic=det)
+        obj = GRPOObjective(prompts, tok, cfg, reward_fns=[lambda prompts, completions, **_: [0.0] * len(completions)])
         obj.prepare_model(model)
         obj.setup(model, obj.ctx, cfg)
         b = obj.make_rollout(model, prompts)

@@ -52,3 +52,10 @@ def assert_rule(got, ref, naive, what="", dtype=None):
     err, bound = rel_err(got, ref), rule_bound(naive, ref, dtype)
     assert err <= bound, (f"{what}: rel error {err:.3g} vs float64 > 2 x naive {dtype} error "
                           f"{rel_err(naive, ref):.3g} + {SLACK[dtype]:g}")
+
+
+def max_abs_bound(naive, ref):
+    """The rule's per-token form, for metrics that take a max over tokens (log-prob differences):
+    twice the naive fp32 computation's worst error against the float64 ``ref``, plus fp32's slack
+    at the values' scale."""
+    return 2 * float((naive.double() - ref).abs().max()) + SLACK[torch.float32] * max(1.0, float(ref.abs().max()))

@@ -7,20 +7,13 @@ import pytest
 import torch
 
 from ptcore.train import run_grpo
-from ptcore.train.config import TrainConfig
+from ptcore.train.config import GRPOConfig
 from ptcore.train.data import load_records, prompt_examples
 from ptcore.train.grpo import GRPOObjective, answer_reward, completion_mask
-from tests.reference import SLACK, assert_rule, rel_err, rule_bound
+from tests.reference import SLACK, assert_rule, max_abs_bound, rel_err, rule_bound
 from tests.train_helpers import config, one_thread, tiny  # noqa: F401
 
 DATA = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (30, 4), (500, 61), (7, 7)]]
-
-
-def max_abs_bound(naive, ref):
-    """The rule's per-token form, for metrics that take a max over tokens: an fp32 log-prob within
-    twice the naive fp32 computation's worst error of the float64 one, plus fp32's slack at the
-    log-probs' scale."""
-    return 2 * float((naive.double() - ref).abs().max()) + SLACK[torch.float32] * max(1.0, float(ref.abs().max()))
 
 
 def first_char(prompts, completions, **_):
@@ -43,9 +36,9 @@ def test_old_logps_are_the_samplers(tmp_path):
     the tempered distribution generate sampled from."""
     model, tok = tiny()
     prompts = prompt_examples(load_records(DATA, "grpo"), tok, 32, report=False)
-    cfg = TrainConfig(output_dir=str(tmp_path), batch_size=4, max_length=48)
-    obj = GRPOObjective(prompts, tok, cfg, reward_fns=[first_char], group_size=2, temperature=0.7,
-                        max_new_tokens=6, rollout="hf")
+    cfg = GRPOConfig(output_dir=str(tmp_path), batch_size=4, max_length=48, group_size=2, temperature=0.7,
+                     max_new_tokens=6, rollout="hf")
+    obj = GRPOObjective(prompts, tok, cfg, reward_fns=[first_char])
     obj.prepare_model(model)
     obj.setup(model, obj.ctx, cfg)
     scores = {}
@@ -105,8 +98,9 @@ def test_grpo_trains_with_a_toy_reward(tmp_path, monkeypatch):
         return rollouts[-1]
 
     monkeypatch.setattr(GRPOObjective, "make_rollout", recorded)
-    res = run_grpo(model, tok, DATA, config(tmp_path, "g", max_steps=2, batch_size=2), reward_fns=[first_char],
-                   group_size=4, max_new_tokens=6, num_iterations=2, kl_coef=0.1, temperature=0.9)
+    res = run_grpo(model, tok, DATA, config(tmp_path, "g", GRPOConfig, max_steps=2, batch_size=2, group_size=4,
+                                            max_new_tokens=6, num_iterations=2, kl_coef=0.1, temperature=0.9),
+                   reward_fns=[first_char])
     m1, m2 = res.metrics
     # Step 1 is on-policy and its policy is the reference: every log-prob difference behind
     # ratio_mean (current - old) and kl (reference - current) is the rounding of two fp32
@@ -144,7 +138,7 @@ def test_reward_function_errors(tmp_path):
     model, tok = tiny()
     bad = lambda prompts, completions, **_: [1.0]
     with pytest.raises(ValueError, match="returned 1 values for 4 completions"):
-        run_grpo(model, tok, DATA, config(tmp_path, "e", max_steps=1, batch_size=1), reward_fns=[bad],
-                 group_size=4, max_new_tokens=2)
+        run_grpo(model, tok, DATA, config(tmp_path, "e", GRPOConfig, max_steps=1, batch_size=1, group_size=4,
+                                          max_new_tokens=2), reward_fns=[bad])
     with pytest.raises(ValueError, match="group_size"):
-        run_grpo(model, tok, DATA, config(tmp_path, "e"), group_size=1)
+        run_grpo(model, tok, DATA, config(tmp_path, "e", GRPOConfig, group_size=1))
