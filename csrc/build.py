@@ -40,8 +40,12 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent
 # The CPU sources whose loops are compute-bound: compiled once per ISA level into _C (baseline) and
-# each _C_<isa> variant. Every other csrc/cpu source is built once, into _C, at the baseline.
-HOT_SOURCES = ("backbone.cpp", "cross_entropy_rows.cpp", "logprob_rows.cpp", "paged_attention.cpp", "speculative_verify.cpp")
+# each _C_<isa> variant (with the files of the same kernel that a variant links: the paged
+# attention's check, work plan and binding). Every other csrc/cpu source is built once, into _C,
+# at the baseline.
+HOT_SOURCES = ("backbone.cpp", "cross_entropy_rows.cpp", "logprob_rows.cpp", "paged_attention.cpp",
+               "paged_attention_bindings.cpp", "paged_attention_check.cpp", "paged_attention_plan.cpp",
+               "speculative_verify.cpp")
 # ISA level -> -march; the first is the baseline every x86-64 build of _C targets.
 ISA_LEVELS = {"v2": "x86-64-v2", "v3": "x86-64-v3", "v4": "x86-64-v4"}
 BASELINE_ISA = "v2"
