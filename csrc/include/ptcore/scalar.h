@@ -55,8 +55,8 @@ inline void store(double& v, double f) { v = f; }
 // c ? a : b through integer masks. Under the default -ftrapping-math GCC does not if-convert a
 // float compare feeding a ?: (the compare may raise FE_INVALID), so a loop holding one stays
 // scalar wherever there are no masked vector ops: every x86-64-v2/v3 (SSE4/AVX2) build of these
-// kernels did (8-10x slower than the AVX-512 one). Blending the compare's mask in the integer
-// domain vectorizes at every level. NaN in a or b is kept as is.
+// kernels did, unlike the AVX-512 one (bench/cpu_dispatch.py times the ISA levels). Blending the
+// compare's mask in the integer domain vectorizes at every level. NaN in a or b is kept as is.
 inline float select(bool c, float a, float b) {
   const uint32_t m = 0u - uint32_t(c);
   return bits_to_float((float_to_bits(a) & m) | (float_to_bits(b) & ~m));
@@ -127,7 +127,7 @@ inline A softcap_grad(A z, A inv_cap) {
 // runs ~3000 sequential additions per SIMD lane; once the lane holding the max term (exp(0) = 1)
 // is large, every small term added to it is rounded away, so the sum of exp came out biased low
 // by ~5e-6 relative on LM-head-like rows (eager PyTorch: ~1e-7). Blocks of 256 keep each lane's
-// run at 16-64 additions (AVX-512 .. SSE) and cost ~5% in time. The order is fixed per row, so a
+// run at 16-64 additions (AVX-512 .. SSE) at a small cost in time. The order is fixed per row, so a
 // row's result depends neither on the thread count nor on the other rows.
 constexpr int64_t kSumBlock = 256;
 
