@@ -72,15 +72,26 @@ DPO_DATA = [{"prompt": "12+3=", "chosen": "15", "rejected": "16!"},
             {"prompt": "7*8=", "chosen": "56", "rejected": "54"}]
 
 
-def sft_trainer(model, tok, **cfg):
-    args = SFTConfig(max_length=32, **common(**cfg))
-    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(SFT_DATA), processing_class=tok)
+# SmolLM2: completions of 8+ tokens each. MKL's fp32 GEMM sums the tail rows of a product with
+# fewer than 12 rows less accurately (1e-4 relative at K = V = 49152, against 1e-6 for the
+# others), and the fused ops compact the scored rows into such a GEMM when there are few.
+REAL_SFT_DATA = [{"prompt": "What is 12 plus 3?", "completion": "12 plus 3 is 15, since 12 + 3 = 15."},
+                 {"prompt": "Name a color.", "completion": "Blue is a color, and so is green."}]
+REAL_DPO_DATA = [{"prompt": "What is 12 plus 3?", "chosen": "12 plus 3 is 15, since 12 + 3 = 15.",
+                  "rejected": "12 plus 3 is 16, since 12 + 3 = 16."},
+                 {"prompt": "Name a color.", "chosen": "Blue is a color, and so is green.",
+                  "rejected": "A chair is a color, and so is a table."}]
 
 
-def dpo_trainer(model, tok, loss_type, ref=None, **cfg):
+def sft_trainer(model, tok, data=SFT_DATA, **cfg):
+    args = SFTConfig(max_length=64, **common(**cfg))
+    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tok)
+
+
+def dpo_trainer(model, tok, loss_type, ref=None, data=DPO_DATA, **cfg):
     ref = ref if ref is not None else _perturbed(model)
-    args = DPOConfig(max_length=32, beta=0.1, loss_type=loss_type, **common(**cfg))
-    return DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(DPO_DATA),
+    args = DPOConfig(max_length=64, beta=0.1, loss_type=loss_type, **common(**cfg))
+    return DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(data),
                       processing_class=tok)
 
 
@@ -385,7 +396,7 @@ def test_sft_smollm2_fp32_rule(smollm2, monkeypatch):
     model, tok = smollm2
 
     def make(dtype):
-        return sft_trainer(copy.deepcopy(model).to(dtype), tok)
+        return sft_trainer(copy.deepcopy(model).to(dtype), tok, REAL_SFT_DATA)
 
     def call(tr):
         batch = batch_of(tr)
@@ -400,7 +411,8 @@ def test_dpo_smollm2_fp32_rule(smollm2, monkeypatch):
     ref_model = _perturbed(model, scale=0.02)
 
     def make(dtype):
-        return dpo_trainer(copy.deepcopy(model).to(dtype), tok, "sigmoid", ref=copy.deepcopy(ref_model).to(dtype))
+        return dpo_trainer(copy.deepcopy(model).to(dtype), tok, "sigmoid", ref=copy.deepcopy(ref_model).to(dtype),
+                           data=REAL_DPO_DATA)
 
     real_check(make, lambda tr: tr.compute_loss(tr.model, dict(batch_of(tr))), monkeypatch)
 

@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from ptcore.ops.chunked import acc_dtype
-from ptcore.ops.chunking import chunk_rows
+from ptcore.ops.lm_head_chunks import acc_dtype
+from ptcore.ops.logits_budget import chunk_rows
 
 
 class HeadStats(NamedTuple):
