@@ -160,11 +160,15 @@ def test_min_new_tokens_equals_the_engine(engines, drafter_kind):
     c = res.completions[0]
     for j, (t, lp) in enumerate(zip(c.tokens, c.logprobs)):
         s = target.start(prompt + c.tokens[:j])
-        z = s.logits.double().clone()
+        assert s.logits.dtype == torch.float64
+        z = s.logits.clone()
         target.release(s)
         if j < 8:
             z[stop] = float("-inf")
-        assert abs(lp - float(torch.log_softmax(z, -1)[t])) < 1e-6, j
+        # float64 against float64: the engine runs this float64 model in float64 (its logits and
+        # sampling_probs stay float64), so the bound is float64 rounding's, as for the first token
+        # in test_sampled_output_follows_the_target (the verify forward and this prefill differ in shape)
+        assert abs(lp - float(torch.log_softmax(z, -1)[t])) < 1e-9, (j, lp - float(torch.log_softmax(z, -1)[t]))
     for eng in (target, draft):
         eng.cache.check()
         assert not eng.cache.running
