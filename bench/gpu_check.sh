@@ -13,11 +13,10 @@
 #      oracle (paged decode/extend/write_kv/copy_pages, speculative verify chain and tree, the
 #      LM-head ops and fused losses), first, so that a short run still answers "is it right"
 #   3. python -m ptcore info          4. pytest -q tests -k "cuda or triton or gpu" (the rest)
-#   5. the GPU kernels' benchmarks (CUDA defaults: N=8192 H=2048 V=131072 bf16 for the LM heads):
-#      linear_cross_entropy, linear_logprobs, linear_policy_loss (GRPO), linear_dpo_loss,
-#      paged_attention_decode/extend, speculative_verify, then loop_sft/dpo/grpo and
-#      ttc_best_of_n, each table printed as soon as its
-#      cases are done (so a run cut by the deadline still prints the tables it finished).
+#   5. `ptcore bench --device cuda`: the quick profile of every benchmark with its scoreboard, then
+#      the full tables of the LM head, GRPO and paged decode (CUDA defaults: N=8192 H=2048
+#      V=131072 bf16 for the LM heads), each table printed as soon as its cases are done (so a
+#      run cut by the deadline still prints the tables it finished).
 # Exit status: 0 when every step passed, else 1 (later steps still run). Where $OUT is set (the
 # device tool's output folder), the benchmarks' JSON and PNG files are copied there.
 set -uo pipefail
@@ -70,14 +69,13 @@ step 60 "ptcore info" $PY -m ptcore info
 section "GPU tests"
 step 120 "GPU tests" $PY -m pytest -q tests -k "cuda or triton or gpu" --ignore tests/test_gpu.py
 
-section "benchmark suite (CUDA defaults)"
-# --timeout: a hung case is reported as failed and the table still prints. About 25 cases, each a
-# fresh process (CUDA start-up dominates; Liger's and CCE's warm-ups compile).
-# Then the loops (throughput per FLOP: tokens/s x 6 x params over the measured GEMM rate) and the
-# engine's best-of-16, which need transformers (and trl for the TRL rows) from the wheels.
-for b in linear_cross_entropy linear_logprobs linear_policy_loss linear_dpo_loss paged_attention_decode \
-         paged_attention_extend speculative_verify loop_sft loop_dpo loop_grpo ttc_best_of_n; do
-  step 150 "benchmark $b" $PY -m bench --only "$b" --timeout 120
+section "benchmark suite: quick profile on CUDA, then the full LM-head tables"
+# ptcore bench --device cuda: every benchmark's quick profile (CUDA-event timing, L2 flushed before
+# each step), ending with the scoreboard; --timeout: a hung case is reported as failed and the suite
+# goes on. Then, with what time is left, the full tables of the GPU kernels' benchmarks.
+step 300 "ptcore bench --device cuda (quick)" $PY -m ptcore bench --device cuda --timeout 120 --out bench/results/gpu-quick
+for b in linear_cross_entropy linear_policy_loss paged_attention_decode; do
+  step 120 "full $b" $PY -m ptcore bench --device cuda --full --only "$b" --timeout 100 --out bench/results/gpu-full
 done
 if [ -n "${OUT:-}" ]; then cp -r bench/results/. "$OUT"/ && echo "results copied to \$OUT"; fi
 

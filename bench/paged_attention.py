@@ -1,7 +1,7 @@
 """Paged attention, decode: one new token for each of B sequences of L positions, over a paged KV
 cache with shuffled pages, through ``layers`` layers (one step = one decode step of a small model's
-attention: ``paged_attention_decode`` once per layer). bench/paged_attention_extend.py times the
-extend op (prefill: Q new tokens per sequence) with the same code.
+attention: ``paged_attention_decode`` once per layer): DECODE below; EXTEND times the extend op
+(prefill: Q new tokens per sequence) with the same code.
 
 Shapes of a small model: 8 query heads, 2 KV heads (GQA 4), head dim 64, ``layers`` = 8; sizes
 ``B`` sequences, ``L`` positions each (prefix + new tokens), ``Q`` new tokens per sequence (1: the

@@ -120,6 +120,7 @@ REGISTRY = {
     "loop_sft_real": "loop_real:SFT",  # the same on SmolLM2-135M (its own table)
     "loop_dpo_real": "loop_real:DPO",
     "loop_grpo_real": "loop_real:GRPO",
+    "trl_integration": "trl_integration:BENCHMARK",  # TRL's trainers alone vs patched with ptcore.integrations.trl
     "radix_cache": "radix:BENCHMARK",
     "ttc_best_of_n": "ttc:BEST_OF_N",  # test-time search on the engine
     "ttc_beam_search": "ttc:BEAM_SEARCH",

@@ -138,8 +138,9 @@ def plot(path, res):
 
 def headlines(res: dict) -> list[dict]:
     """Scoreboard rows, over the prompts: the draft model's speedup over plain greedy decoding
-    (tokens/s), and the n-gram and draft tokens per target forward against theory's
-    (1 - a^(K+1)) / (1 - a) over the measured acceptance (at least 0.9 of it)."""
+    (tokens/s), and the n-gram and draft tokens per target forward against theory's (the expected
+    tokens per forward at the measured acceptance over the lengths actually drafted: an n-gram
+    drafter often proposes fewer than K; at least 0.9 of it)."""
     rows = res["rows"]
     mean = lambda case, key: statistics.fmean(r[key] for r in rows if r["case"] == case)  # noqa: E731
     draft = "draft model (1 of 8 layers)"
@@ -148,7 +149,7 @@ def headlines(res: dict) -> list[dict]:
                           unit=" tok/s", target=(">=", 1.0))]
     for case in ("n-gram drafter", draft):
         out.append(scoreboard.row(NAME, f"tokens per forward vs theory, {case}", mean(case, "tokens_per_forward"),
-                                  "theory", mean(case, "theory"), target=(">=", 0.9)))
+                                  "theory", mean(case, "theory_drafted"), target=(">=", 0.9)))
     return out
 
 

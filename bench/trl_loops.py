@@ -62,9 +62,12 @@ def hf_tokenizer():
     return CharTokenizer()
 
 
-def records(kind: str, s: dict, n: int = 256) -> list[dict]:
-    """Fixed-length synthetic rows: prompt P-1 characters (+ bos), completions C-1 (+ eos)."""
+def records(kind: str, s: dict) -> list[dict]:
+    """Fixed-length synthetic rows: prompt P-1 characters (+ bos), completions C-1 (+ eos); 32
+    batches' worth for DPO and GRPO (more than a run takes: DPO's reference log-probs are computed
+    for all of them before the first step)."""
     rng = random.Random(0)
+    n = 32 * s["B"]
     text = lambda k: "".join(rng.choice("0123456789+-*=abcdefghij ") for _ in range(k))
     P, C = s["P"], s["C"]
     if kind == "sft":
