@@ -178,6 +178,8 @@ class GRPOConfig(TrainConfig):
     temperature: float = option(1.0, "sampling temperature; the loss's log-probs are the tempered "
                                 "distribution's")
     max_new_tokens: int = option(64, "longest completion")
+    min_new_tokens: int = option(0, "shortest completion: EOS and stop strings cannot end one before "
+                                 "this many new tokens (Hugging Face's meaning; <= max_new_tokens)")
     max_prompt_length: Optional[int] = option(None, "longest prompt (None: max_length - max_new_tokens)")
     top_k: int = option(0, "truncated sampling: the top k tokens (0: off)")
     top_p: float = option(1.0, "truncated sampling: the nucleus of mass top_p (1: off)")
@@ -256,6 +258,10 @@ class GRPOConfig(TrainConfig):
         op = "run_grpo"
         _int(op, "group_size", self.group_size, 2)  # group statistics need two completions
         _int(op, "max_new_tokens", self.max_new_tokens, 1)
+        _int(op, "min_new_tokens", self.min_new_tokens, 0)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"{op}: 'min_new_tokens' must be <= max_new_tokens ({self.max_new_tokens}), "
+                             f"got {self.min_new_tokens!r}")
         _int(op, "num_iterations", self.num_iterations, 1)
         if self.max_prompt_length is not None:
             _int(op, "max_prompt_length", self.max_prompt_length, 1)
