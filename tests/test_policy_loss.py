@@ -9,6 +9,7 @@ import torch
 
 from ptcore.ops import policy
 from ptcore.ops.policy import AGGREGATION, kl_penalty, policy_loss
+from tests.reference import assert_rule
 
 # The classic types this file's oracle knows; sapo, luspo, vespo and gmpo (and the options
 # some of them reject, such as dual_clip) are tested against TRL in test_policy_loss_families.py.
@@ -111,23 +112,38 @@ def test_ppo_clip_hand_values(rho, a, kw, expected):
 
 
 def test_kl_penalty_hand_values():
-    lp, ref = torch.tensor([-1.0, -1.0]), torch.tensor([-1.0, 0.0])
-    torch.testing.assert_close(kl_penalty(lp, ref, "k3"), torch.tensor([0.0, math.e - 2]))
-    torch.testing.assert_close(kl_penalty(lp, ref, "k1"), torch.tensor([0.0, -1.0]))
-    torch.testing.assert_close(kl_penalty(lp, ref, "k2"), torch.tensor([0.0, 0.5]))
+    lp64, ref64 = torch.tensor([-1.0, -1.0], dtype=F64), torch.tensor([-1.0, 0.0], dtype=F64)
+    lp, ref = lp64.float(), ref64.float()
+    d = ref - lp
+    # (hand value, the estimator's formula in plain fp32: the tolerance rule's naive baseline)
+    hand = {"k3": ([0.0, math.e - 2], d.exp() - d - 1), "k1": ([0.0, -1.0], lp - ref),
+            "k2": ([0.0, 0.5], 0.5 * (lp - ref) ** 2)}
+    for est, (want, naive) in hand.items():
+        want = torch.tensor(want, dtype=F64)
+        torch.testing.assert_close(kl_penalty(lp64, ref64, est), want, rtol=1e-12, atol=1e-12)
+        got = kl_penalty(lp, ref, est)
+        assert got.dtype == torch.float32
+        assert_rule(got, want, naive, f"fp32 {est}")
     assert torch.isfinite(kl_penalty(torch.tensor([-1000.0]), torch.tensor([0.0]), "k3")).all()
 
 
-def test_aggregation_hand_values():
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_aggregation_hand_values(dtype):
     # ratio 1, per-token advantages 1, 2, 3 | 4: per-token loss = -A
-    lp = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, float("-inf"), float("-inf")]])
-    A = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("nan"), float("nan")]])
+    lp = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, float("-inf"), float("-inf")]], dtype=dtype)
+    A = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("nan"), float("nan")]], dtype=dtype)
     M = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    got = {k: policy_loss(lp, lp, A, M, loss_type=k).loss.item() for k in ("grpo", "dapo", "dr_grpo")}
-    assert got["grpo"] == pytest.approx(-(2 + 4) / 2)
-    assert got["dapo"] == pytest.approx(-10 / 4)
-    assert got["dr_grpo"] == pytest.approx(-10 / 6)
-    assert policy_loss(lp, lp, A, M, loss_type="pg").loss.item() == pytest.approx(10 / 4)  # -A logp
+    a, alp = A[M.bool()], (A * lp)[M.bool()]  # the kept tokens' A and A logp
+    # (hand value, the same aggregation in plain ``dtype``: the tolerance rule's naive baseline)
+    hand = {"grpo": (-(2 + 4) / 2, -(a[:3].mean() + a[3:].mean()) / 2), "dapo": (-10 / 4, -a.sum() / 4),
+            "dr_grpo": (-10 / 6, -a.sum() / 6), "pg": (10 / 4, -alp.sum() / 4)}  # pg: -A logp
+    for k, (want, naive) in hand.items():
+        got = policy_loss(lp, lp, A, M, loss_type=k).loss
+        assert got.dtype == dtype
+        if dtype == F64:
+            assert got.item() == pytest.approx(want, abs=1e-12), k
+        else:
+            assert_rule(got, torch.tensor(want, dtype=F64), naive, f"fp32 {k}")
     assert AGGREGATION["bnpo"] == "token-mean" and AGGREGATION["gspo"] == "seq-mean-token-mean"
 
 

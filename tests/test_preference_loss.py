@@ -148,13 +148,21 @@ def test_hand_values(kind, args, kw, expected):
     assert out.loss.item() == pytest.approx(expected, abs=1e-12)
 
 
-def test_orpo_log_odds_and_nll_override():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_orpo_log_odds_and_nll_override(dtype):
     # a_c = log 0.5 -> odds 1 (log 0); a_r = log 0.2 -> log odds log(0.25)
-    pc, pr = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)])
+    pc, pr = torch.tensor([math.log(0.5)], dtype=dtype), torch.tensor([math.log(0.2)], dtype=dtype)
     one = torch.ones(1)
     out = dpo_loss(pc, pr, loss_type="orpo", chosen_lengths=one, rejected_lengths=one,
-                   orpo_lambda=2.0, chosen_nll=torch.tensor([0.25]))
-    assert out.loss.item() == pytest.approx(0.25 - 2 * ls(-math.log(0.25)), rel=1e-6)
+                   orpo_lambda=2.0, chosen_nll=torch.tensor([0.25], dtype=dtype))
+    want = 0.25 - 2 * ls(-math.log(0.25))
+    assert out.loss.dtype == dtype
+    if dtype == torch.float64:
+        assert out.loss.item() == pytest.approx(want, abs=1e-12)
+    else:  # the tolerance rule, naive: the log-odds formula in plain fp32
+        log_odds = lambda a: a - torch.log1p(-torch.exp(a))
+        naive = 0.25 - 2 * torch.nn.functional.logsigmoid(log_odds(pc) - log_odds(pr))
+        assert_rule(out.loss, torch.tensor(want, dtype=torch.float64), naive.reshape(out.loss.shape), "fp32 orpo")
 
 
 def test_weighted_combination_and_rewards():
