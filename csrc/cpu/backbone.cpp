@@ -100,10 +100,11 @@ void rms_backward_impl(uintptr_t dyp, uintptr_t dresp, uintptr_t sp, uintptr_t w
   }
 }
 
-template <typename T>
+// kInverse a template parameter: a run-time flag inside the loop's ?: kept it scalar (scalar.h's
+// select says why).
+template <typename T, bool kInverse>
 void rope_impl(uintptr_t qp, uintptr_t kp, uintptr_t cp, uintptr_t snp, uintptr_t qop, uintptr_t kop,
-               int64_t rows, int64_t Hq, int64_t Hk, int64_t D, int64_t R, int64_t cos_rows,
-               bool inverse) {
+               int64_t rows, int64_t Hq, int64_t Hk, int64_t D, int64_t R, int64_t cos_rows) {
   using A = typename acc<T>::type;
   const int64_t half = R / 2;
 #pragma omp parallel for schedule(static) if (rows * (Hq + Hk) * D > kParallelMin)
@@ -124,8 +125,13 @@ void rope_impl(uintptr_t qp, uintptr_t kp, uintptr_t cp, uintptr_t snp, uintptr_
           const A x1 = A(load(x[j])), x2 = A(load(x[j + half]));
           const A c1 = A(load(c[j])), c2 = A(load(c[j + half]));
           const A s1 = A(load(sn[j])), s2 = A(load(sn[j + half]));
-          store(o[j], inverse ? x1 * c1 + x2 * s2 : x1 * c1 - x2 * s1);
-          store(o[j + half], inverse ? x2 * c2 - x1 * s1 : x2 * c2 + x1 * s2);
+          if (kInverse) {
+            store(o[j], x1 * c1 + x2 * s2);
+            store(o[j + half], x2 * c2 - x1 * s1);
+          } else {
+            store(o[j], x1 * c1 - x2 * s1);
+            store(o[j + half], x2 * c2 + x1 * s2);
+          }
         }
         for (int64_t j = R; j < D; ++j) o[j] = x[j];
       }
@@ -231,8 +237,9 @@ void rope(uintptr_t q, uintptr_t k, uintptr_t cos, uintptr_t sin, uintptr_t q_ou
           int64_t rot_dim, int64_t cos_rows, bool inverse, uintptr_t) {
   check_rope_shape(rows, q_heads, k_heads, head_dim, rot_dim, cos_rows);
   by_dtype("rope", dtype, [&](auto t) {
-    rope_impl<decltype(t)>(q, k, cos, sin, q_out, k_out, rows, q_heads, k_heads, head_dim, rot_dim,
-                           cos_rows, inverse);
+    using T = decltype(t);
+    if (inverse) rope_impl<T, true>(q, k, cos, sin, q_out, k_out, rows, q_heads, k_heads, head_dim, rot_dim, cos_rows);
+    else rope_impl<T, false>(q, k, cos, sin, q_out, k_out, rows, q_heads, k_heads, head_dim, rot_dim, cos_rows);
   });
 }
 
