@@ -98,7 +98,7 @@ def test_info_command_lists_every_backend():
 # Every op of ptcore.ops that has more than the torch implementation, i.e. chooses a backend.
 DISPATCHED_OPS = ("linear_cross_entropy", "linear_logprobs", "linear_policy_loss", "linear_dpo_loss",
                   "paged_attention_decode", "paged_attention_extend", "speculative_verify",
-                  "speculative_verify_tree")
+                  "speculative_verify_tree", "rms_norm", "rope", "swiglu", "geglu")
 # The documented automatic order (README "Backends", ptcore/ops/dispatch.py).
 DOCUMENTED_ORDER = {"cuda": ("flash_attn", "triton", "cuda", "torch"), "cpu": ("cpu", "torch"), "meta": ("torch",)}
 
@@ -128,6 +128,10 @@ def _op_calls():
         "speculative_verify": lambda: ops.speculative_verify(torch.zeros(B, 2, dtype=torch.int64), None, p),
         "speculative_verify_tree": lambda: ops.speculative_verify_tree(torch.zeros(B, 2, dtype=torch.int64),
                                                                        torch.tensor([-1, 0]), None, p),
+        "rms_norm": lambda: ops.rms_norm(x, torch.ones(H), residual=x),
+        "rope": lambda: ops.rope(kc, kc, torch.ones(S, D), torch.zeros(S, D)),
+        "swiglu": lambda: ops.swiglu(x, x),
+        "geglu": lambda: ops.geglu(x, x),
     }
 
 
