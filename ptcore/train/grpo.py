@@ -79,6 +79,7 @@ class GRPOObjective(GroupRollouts, BaseObjective):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
         self.G, self.temperature, self.max_new_tokens = c.group_size, float(c.temperature), c.max_new_tokens
+        self.min_new_tokens = c.min_new_tokens
         self.num_iterations, self.kl_coef, self.loss_type = c.num_iterations, float(c.kl_coef), c.loss_type
         self.loss_opts = c.loss_options()  # policy_loss's keywords: clip, KL, rollout correction
         self.estimator, self.scale_rewards = c.estimator, c.scale_rewards

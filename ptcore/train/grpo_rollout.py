@@ -31,7 +31,8 @@ def completion_mask(completions: torch.Tensor, eos_id, pad_id) -> torch.Tensor:
 
 class GroupRollouts:
     """Sampling and scoring for :class:`ptcore.train.grpo.GRPOObjective` (which sets the options
-    read here: ``G``, ``temperature``, ``top_k``, ``top_p``, ``max_new_tokens``, the reward
+    read here: ``G``, ``temperature``, ``top_k``, ``top_p``, ``max_new_tokens``,
+    ``min_new_tokens`` (EOS and stop strings held off until then, on both paths), the reward
     functions, the tokenizer's ids, ``_units`` and ``_logps``)."""
 
     def _make_engine(self, model):
@@ -187,14 +188,16 @@ class GroupRollouts:
 
     def _sample_hf(self, policy, ids, attn):
         """HF ``generate`` (the fallback and baseline): completions ``[B, L]``, their mask, and the
-        sampler's log-probs (``output_scores``: the logits after the temperature, which is all the
-        processing here, so the log-softmax is the sampled distribution's)."""
+        sampler's log-probs (``output_scores``: the logits after generate's processors, i.e. the
+        temperature, top-k / top-p and min_new_tokens' ban on EOS, so the log-softmax is the
+        sampled distribution's)."""
         P = ids.shape[1]
         with _autocast(self.device, self.config.bf16):
             cache = self._shared_prompt_cache(policy, ids[::self.G], attn[::self.G])
             out = policy.generate(input_ids=ids, attention_mask=attn, do_sample=True,
                                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                  max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
+                                  max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
+                                  pad_token_id=self.pad_id,
                                   eos_token_id=self.eos_id, cache=cache, output_scores=True,
                                   return_dict_in_generate=True,
                                   # FSDP2: every rank must run as many forwards (all-gathers)
@@ -222,6 +225,7 @@ class GroupRollouts:
                     seed = hash((int(self.config.seed), int(self._rollout_for), self.ctx.rank,
                                  g0 + k)) & (2**62 - 1)
                     params = SamplingParams(max_new_tokens=self.max_new_tokens,
+                                            min_new_tokens=self.min_new_tokens,
                                             temperature=self.temperature, seed=seed,
                                             top_k=self.top_k, top_p=self.top_p,
                                             stop_strings=self.stop_strings)
