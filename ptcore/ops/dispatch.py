@@ -183,7 +183,7 @@ OPS: dict[str, dict[str, Impl]] = {
     "geglu": _backbone("gated_act_forward", "gated_forward_torch"),
     "speculative_verify_tree": {
         "cpu": Impl("csrc/cpu/speculative_verify.cpp", "speculative_verify_tree"),
-        "torch": Impl("ptcore/ops/speculative.py (verify_tree_torch)"),
+        "torch": Impl("ptcore/ops/speculative_tree.py (verify_tree_torch)"),
     },
 }
 
