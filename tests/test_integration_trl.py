@@ -96,7 +96,8 @@ def dpo_trainer(model, tok, loss_type, ref=None, data=DPO_DATA, **cfg):
 
 
 def first_char_reward(prompts=None, completions=None, **_):
-    return [float(len(c)) for c in completions]
+    """A toy reward that differs between completions (so advantages are not all 0)."""
+    return [float(ord(c[0]) % 7) if c else 0.0 for c in completions]
 
 
 def grpo_trainer(model, tok, loss_type, beta=0.04, **cfg):
@@ -286,6 +287,22 @@ def test_head_stats_against_full_logits():
     assert torch.allclose(s.mean_logits, torch.where(valid, z.mean(-1), 0.0), atol=1e-12)
     assert torch.equal(s.is_top1, (z.argmax(-1) == t) & valid)
     assert s.is_top1[0, :3].all() and s.is_top1[1, 0] and not s.is_top1[1, 1]
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo"])
+def test_patched_trainer_trains(kind):
+    """TRL's own train() end to end (GRPO: generation, old log-probs, rewards) on the patched
+    trainer: one optimizer step changes the weights, with TRL's metrics logged and finite."""
+    model, tok = tiny(dtype=torch.float32)
+    cfg = dict(max_steps=1, learning_rate=1e-3, save_strategy="no")
+    trainer = {"sft": lambda: sft_trainer(model, tok, **cfg), "dpo": lambda: dpo_trainer(model, tok, "sigmoid", **cfg),
+               "grpo": lambda: grpo_trainer(model, tok, "dapo", beta=0.0, **cfg)}[kind]()
+    pt_trl.patch_trainer(trainer)
+    before = trainer.model.lm_head.weight.detach().clone()
+    trainer.train()
+    logs = trainer.state.log_history[-1]
+    assert math.isfinite(logs["train_loss"]) and math.isfinite(logs["entropy"])
+    assert not torch.equal(trainer.model.lm_head.weight, before)
 
 
 # ---- patching: idempotent, undone, per instance; bad input named ----
