@@ -86,5 +86,9 @@ def test_what_it_cannot_do_is_named():
         linear_cross_entropy(h, w, y, "0.7")
     with pytest.raises(ValueError, match="temperature"):
         linear_cross_entropy(h, w, y, 0.0)
-    with pytest.raises(ValueError, match="'labels'|target"):
+    with pytest.raises(ValueError, match="'labels' must have shape"):
         linear_cross_entropy(h, w, y[:, :3])
+    with pytest.raises(TypeError, match="'labels'"):
+        linear_cross_entropy(h, w, [1, 2, 3, 4])
+    with pytest.raises(TypeError, match="'weight'"):
+        linear_cross_entropy(h, w.double(), y)

@@ -52,4 +52,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         if world != 1:
             raise NotImplementedError(f"{OP}: 'dist_process_group' with {world} ranks (a vocabulary "
                                       "split over tensor-parallel ranks) is not supported")
+    for name, t in (("hidden", hidden), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{OP}: '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if labels.shape != hidden.shape[:-1]:  # named here: ptcore's op calls them 'target'
+        raise ValueError(f"{OP}: 'labels' must have shape {tuple(hidden.shape[:-1])} ('hidden' without its "
+                         f"last dim), got {tuple(labels.shape)}")
     return linear_logprobs(hidden, weight, labels, temperature=float(temperature), return_entropy=True)
