@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 import ptcore.ops.cross_entropy
-import ptcore.ops.fused_losses
+import ptcore.ops.fused_dpo
+import ptcore.ops.fused_policy
 import ptcore.ops.logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,8 @@ def test_python_blocks_run(doc, tmp_path, monkeypatch):
         exec(compile(block, str(doc), "exec"), scope)
 
 
-@pytest.mark.parametrize("module", [ptcore.ops.cross_entropy, ptcore.ops.logprobs, ptcore.ops.fused_losses],
+@pytest.mark.parametrize("module", [ptcore.ops.cross_entropy, ptcore.ops.logprobs, ptcore.ops.fused_policy,
+                                    ptcore.ops.fused_dpo],
                          ids=lambda m: m.__name__)
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from ptcore.ops.cross_entropy import linear_cross_entropy
-from ptcore.ops.fused_losses import linear_dpo_loss, linear_policy_loss
+from ptcore.ops.fused_dpo import linear_dpo_loss
+from ptcore.ops.fused_policy import linear_policy_loss
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):

@@ -4,7 +4,8 @@ from ptcore.ops.backbone import geglu, rms_norm, rope, swiglu
 from ptcore.ops.logits_budget import chunk_budget
 from ptcore.ops.cross_entropy import linear_cross_entropy
 from ptcore.ops.dispatch import BACKENDS, BackendUnavailable, use_backend
-from ptcore.ops.fused_losses import linear_dpo_loss, linear_policy_loss
+from ptcore.ops.fused_dpo import linear_dpo_loss
+from ptcore.ops.fused_policy import linear_policy_loss
 from ptcore.ops.logprobs import linear_logprobs
 from ptcore.ops.paged_attention import copy_pages, paged_attention_decode, paged_attention_extend, write_kv
 from ptcore.ops.policy import kl_penalty, policy_loss
