@@ -104,7 +104,6 @@ def grpo_trainer(model, tok, loss_type, beta=0.04, **cfg):
     """Built with beta = 0 (with beta > 0 TRL would load a reference model by the model's name,
     which an in-memory model has not), then given ``beta``: the losses here get the reference
     log-probs in their inputs, as TRL's generation step puts them there."""
-    cfg.setdefault("use_bias_correction_kl", False)  # TRL's default True is not supported with beta > 0
     args = GRPOConfig(num_generations=2, max_completion_length=6, beta=0.0, loss_type=loss_type,
                       temperature=0.9, **common(**cfg))
     data = Dataset.from_list([{"prompt": "12+3="}, {"prompt": "7*8="}] * 2)
@@ -236,6 +235,51 @@ def test_grpo_parity_float64(exact_head, loss_type, on_policy):
     assert_equal_steps(ref, got)
 
 
+@pytest.mark.parametrize("loss_type,cfg", [
+    ("grpo", dict(use_bias_correction_kl=False)),  # the plain k3 KL (TRL's default weights it by the ratio)
+    ("dapo", dict(top_entropy_quantile=0.5)),
+    ("grpo", dict(entropy_coef=0.05)),
+    ("dapo", dict(entropy_coef=0.05, top_entropy_quantile=0.5)),
+    ("bnpo", dict(entropy_coef=-0.03, delta=1.1)),  # a cap inside 1 + epsilon_high: TRL's delta, as is
+    ("dr_grpo", dict(entropy_coef=0.05)),
+    ("cispo", dict(entropy_coef=0.05, epsilon_high=5.0)),
+    # TRL's torch.where over two Python temperatures makes them float32: values float32 holds exactly
+    ("sapo", dict(sapo_temperature_pos=0.75, sapo_temperature_neg=1.25)),
+    ("sapo", dict(sapo_temperature_pos=1.0, sapo_temperature_neg=1.0625, entropy_coef=0.05)),
+    ("vespo", dict()),
+    ("vespo", dict(vespo_k_pos=1.5, vespo_lambda_neg=2.5, entropy_coef=0.05)),
+    ("luspo", dict(importance_sampling_level="sequence")),
+    ("luspo", dict(top_entropy_quantile=0.5, entropy_coef=0.05)),
+])
+def test_grpo_family_parity_float64(exact_head, loss_type, cfg):
+    """The loss types, token selections and entropy bonus TRL 1.16 adds, against its _compute_loss
+    (beta > 0 throughout, so the KL is in every case; 18 completion tokens, so the 0.5 quantile
+    falls between two of them and TRL's float32 threshold selects the same ones)."""
+    model, tok = tiny()
+    trainer = grpo_trainer(model, tok, loss_type, **cfg)
+    trainer.model.train()
+    inputs = grpo_inputs(trainer)
+    ref, got = with_and_without(trainer, lambda: trainer.compute_loss(trainer.model, dict(inputs)))
+    assert "kl" in ref[2] and ("policy_loss" in ref[2]) == ("entropy_coef" in cfg)
+    assert_equal_steps(ref, got)
+
+
+def test_grpo_entropy_bonus_eval_parity(exact_head):
+    """Eval mode: no gradient-accumulation scaling in TRL's normalizers or its bonus."""
+    model, tok = tiny()
+    trainer = grpo_trainer(model, tok, "dapo", entropy_coef=0.05, top_entropy_quantile=0.5)
+    trainer.model.eval()
+    inputs = grpo_inputs(trainer)
+
+    def eval_loss():
+        trainer._metrics["train"] = trainer._metrics["eval"]  # one_step reads the train metrics
+        return trainer.compute_loss(trainer.model, dict(inputs))
+
+    ref, got = with_and_without(trainer, eval_loss)
+    assert "policy_loss" in ref[2] and "entropy_coef" not in ref[2]
+    assert_equal_steps(ref, got)
+
+
 def test_grpo_sequence_level_and_delta_parity(exact_head):
     model, tok = tiny()
     trainer = grpo_trainer(model, tok, "grpo", importance_sampling_level="sequence", delta=1.5)
@@ -348,14 +392,18 @@ def test_unsupported_options_are_named():
     dpo.loss_types, dpo.label_smoothing = ["sigmoid"], 0.1
     with pytest.raises(ValueError, match="label_smoothing=0.1"):
         pt_trl.patch_trainer(dpo)
-    grpo = grpo_trainer(model, tok, "sapo")
-    with pytest.raises(ValueError, match="'sapo'"):
+    grpo = grpo_trainer(model, tok, "grpo")
+    grpo.loss_type = "gmpo"  # ptcore has it, TRL 1.16 not: refused by name, never guessed
+    with pytest.raises(ValueError, match="'gmpo'"):
         pt_trl.patch_trainer(grpo)
-    grpo.loss_type, grpo.args.delta = "grpo", 1.1
-    with pytest.raises(ValueError, match="delta=1.1"):
+    grpo.loss_type, grpo.args.delta = "grpo", 1.0
+    with pytest.raises(ValueError, match="delta=1.0"):
         pt_trl.patch_trainer(grpo)
-    grpo.args.delta, grpo.top_entropy_quantile = None, 0.2
-    with pytest.raises(ValueError, match="top_entropy_quantile"):
+    grpo.args.delta, grpo.use_adaptive_entropy = None, True
+    with pytest.raises(ValueError, match="use_adaptive_entropy"):
+        pt_trl.patch_trainer(grpo)
+    grpo.use_adaptive_entropy, grpo.loss_type, grpo.importance_sampling_level = False, "vespo", "sequence"
+    with pytest.raises(ValueError, match="vespo.*importance_sampling_level='sequence'"):
         pt_trl.patch_trainer(grpo)
     assert not any(pt_trl.is_patched(t) for t in (sft, dpo, grpo))
 
